@@ -165,3 +165,31 @@ def model_from_checkpoint(ckpt):
     model = build_model(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+CKPT_FORMAT = "qqp-pair-classifier-v1"
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    torch.save({"format": CKPT_FORMAT, **ckpt}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint safely (weights_only: no pickled code runs) and check its format.
+    Raises ValueError with a one-line message a script can print."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint. Fix: pass the ckpt.pt that train.py wrote "
+                         "(e.g. out/ckpt.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, a pickled model, or not a torch file at all
+        raise ValueError(f"{path}: not a checkpoint this code can read safely ({type(e).__name__}). "
+                         "Fix: pass a ckpt.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a {CKPT_FORMAT} checkpoint (format "
+                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__}). "
+                         "Fix: pass a ckpt.pt written by train.py")
+    return ckpt
