@@ -48,17 +48,24 @@ def check_tokenizer(manifest, vocab_hash, model_name, data_dir):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Items are (pair index, q1 token ids, q2 token ids, label) of one split."""
+    """Items are (pair index, q1 token ids, q2 token ids, label) of one split of a data folder.
+    The token array is memory-mapped on first use, in the process that uses it."""
 
     def __init__(self, data_dir, split):
         if split not in SPLITS:
             raise ValueError(f"split '{split}': use one of {SPLITS}")
-        self.data_dir, self.split = data_dir, split
         self.manifest = load_manifest(data_dir)
-        self._tokens = None  # opened on first use, in the process that uses it
-        # The pairs and offsets are small (12 bytes a pair): load them now, for lengths().
+        self.tokens_path = os.path.join(data_dir, "tokens.npy")
+        self._tokens = None
+        # Pairs and offsets are small (12 and 8 bytes each): load them now, for lengths().
         self.pairs = np.load(os.path.join(data_dir, f"{split}.npy"))  # (N, 3) q1, q2, label
         self.offsets = np.load(os.path.join(data_dir, "offsets.npy"))  # (Q+1,)
+
+    @property
+    def tokens(self):
+        if self._tokens is None:
+            self._tokens = np.load(self.tokens_path, mmap_mode="r")
+        return self._tokens
 
     def __len__(self):
         return len(self.pairs)
@@ -78,11 +85,18 @@ class PairDataset(torch.utils.data.Dataset):
         return np.maximum(l1, l2) if layout == "siamese" else l1 + l2 - 1
 
     def __getitem__(self, i):
-        if self._tokens is None:
-            self._tokens = np.load(os.path.join(self.data_dir, "tokens.npy"), mmap_mode="r")
         a, b, label = self.pairs[i]
-        o = self.offsets
-        return i, self._tokens[o[a]:o[a + 1]], self._tokens[o[b]:o[b + 1]], int(label)
+        o, t = self.offsets, self.tokens
+        return i, t[o[a]:o[a + 1]], t[o[b]:o[b + 1]], int(label)
+
+
+class InMemoryPairs(PairDataset):
+    """The same items from arrays in memory (raw CSVs tokenized on the fly, predict.py's inputs).
+    pairs (N, 3) holds q1, q2, label (-1 when unknown)."""
+
+    def __init__(self, tokens, offsets, pairs, pad_token_id):
+        self._tokens, self.offsets, self.pairs = tokens, offsets, pairs
+        self.manifest = {"pad_token_id": pad_token_id}
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):

@@ -228,6 +228,17 @@ def tokenize(tok, texts, max_len, batch_size=16384):
     return np.concatenate(chunks), offsets, n_truncated
 
 
+def encode_pairs(tok, q1_texts, q2_texts, labels, max_len):
+    """Tokenize raw pairs for evaluation or prediction: each distinct text once.
+    Returns (tokens, offsets, pairs (N, 3) int64 of q1 index, q2 index, label)."""
+    index, texts = {}, []
+    ids = [[index.setdefault(t, len(index)) for t in col] for col in (q1_texts, q2_texts)]
+    texts = list(index)
+    tokens, offsets, _ = tokenize(tok, texts, max_len)
+    pairs = np.stack([np.array(ids[0]), np.array(ids[1]), np.asarray(labels)], axis=1).astype(np.int64)
+    return tokens, offsets, pairs
+
+
 # ----------------------------------------------------------------------------- splitting
 
 def normalize(text):
