@@ -145,6 +145,28 @@ class CrossEncoder(PairModel):
         return self.head(emb)  # (B, 2)
 
 
+def pick_device(name="auto"):
+    """'auto' = cuda > mps > cpu; or an explicit torch device string."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_precision(device, name="auto"):
+    """Autocast dtype: bf16 on GPUs that support it, else fp16 (needs a GradScaler); fp32 on CPU,
+    where bf16 autocast is slower than fp32 on most CPUs. Returns None for fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+
+
 def build_model(cfg):
     if cfg.arch not in ("siamese", "cross"):
         raise ValueError(f"arch '{cfg.arch}': use 'siamese' or 'cross'")
