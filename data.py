@@ -122,8 +122,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def global_batches(self, epoch):
         n, gbs = len(self.lengths), self.batch_size * self.num_replicas
-        if not self.shuffle:
-            order = np.argsort(self.lengths, kind="stable")
+        if not self.shuffle:  # longest first here too: out-of-memory shows on the first batch
+            order = np.argsort(-self.lengths, kind="stable")
             return [order[i:i + gbs] for i in range(0, n, gbs)]
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(n)
@@ -226,12 +226,12 @@ class Collator:
             joined, types = [], []
             for a, b in zip(q1, q2):
                 b = b[1:]  # q2 without its [CLS]: [CLS] q1 [SEP] q2 [SEP]
-                excess = len(a) + len(b) - self.max_joined_len
-                if excess > 0:  # trim the longer question, keeping its final [SEP]
-                    if len(a) >= len(b):
-                        a = np.concatenate([a[:len(a) - excess - 1], a[-1:]])
-                    else:
-                        b = np.concatenate([b[:len(b) - excess - 1], b[-1:]])
+                if len(a) + len(b) > self.max_joined_len:
+                    # Share the budget: the shorter question keeps its length up to half of it;
+                    # each trimmed question keeps its final [SEP].
+                    n_b = min(len(b), max(self.max_joined_len // 2, self.max_joined_len - len(a)))
+                    n_a = self.max_joined_len - n_b
+                    a, b = np.r_[a[:n_a - 1], a[-1:]], np.r_[b[:n_b - 1], b[-1:]]
                 joined.append(np.concatenate([a, b]))
                 types.append(np.r_[np.zeros(len(a), np.int64), np.ones(len(b), np.int64)])
             ids, mask = self.pad(joined)
@@ -268,5 +268,7 @@ def make_loader(dataset, layout, batch_size, *, shuffle, seed=0, num_replicas=1,
                        pad_multiple=pad_multiple)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=num_workers, pin_memory=pin_memory,
-                                         persistent_workers=False)
+                                         # Its own generator: creating an iterator draws a worker
+                                         # seed, which must not move the global RNG (exact resume).
+                                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler

@@ -49,6 +49,9 @@ def load_encoder(cfg):
     """The HF encoder: from its saved config alone (random weights, to be overwritten by a
     checkpoint or used by tests), else pretrained from a name or folder."""
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown our own progress
+    hf_logging.set_verbosity_error()   # and the unused-pooler-weights warning says nothing useful
     if cfg.encoder_config:
         hf_cfg = AutoConfig.for_model(**cfg.encoder_config)
         return AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
@@ -117,15 +120,12 @@ class SiameseClassifier(PairModel):
         self.head = make_head(h * (4 if cfg.features == "rich" else 2), cfg.hidden, cfg.dropout)
 
     def embed_pair(self, batch):
-        q1_ids, q1_mask = batch["q1_ids"], batch["q1_mask"]  # (B, L1)
-        q2_ids, q2_mask = batch["q2_ids"], batch["q2_mask"]  # (B, L2)
+        """The 2B questions arrive length-sorted in 1-2 padded groups (data.Collator): one encoder
+        call per group, then each pair's two vectors are picked out by position."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
-            if q1_ids.shape == q2_ids.shape:  # one encoder call for both questions
-                emb = self.encode(torch.cat([q1_ids, q2_ids]), torch.cat([q1_mask, q2_mask]))  # (2B, H)
-                emb_q1, emb_q2 = emb.chunk(2)
-            else:
-                emb_q1, emb_q2 = self.encode(q1_ids, q1_mask), self.encode(q2_ids, q2_mask)
-        return emb_q1, emb_q2  # (B, H) each
+            emb = torch.cat([self.encode(ids, mask)  # (n, L) -> (n, H)
+                             for ids, mask in zip(batch["q_ids"], batch["q_mask"])])  # (2B, H)
+        return emb[batch["q1_pos"]], emb[batch["q2_pos"]]  # (B, H) each
 
     def forward(self, batch):
         u, v = self.embed_pair(batch)

@@ -20,7 +20,6 @@ import argparse
 import csv
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -54,8 +53,9 @@ class PreprocessConfig:
 
 # ----------------------------------------------------------------------------- reading
 
-def open_text(path):
-    """Open a plain or gzipped text file as UTF-8 (BOM tolerated), after checking it exists."""
+def open_lines(path):
+    """Decoded lines of a plain or gzipped UTF-8 file (BOM tolerated), one at a time, so that a bad
+    byte is reported with its exact line number."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file. Fix: pass the path to Kaggle's train.csv "
                         "(or a CSV/TSV of question pairs)")
@@ -63,9 +63,14 @@ def open_text(path):
         raise DataError(f"{path}: is a folder, not a file. Fix: pass the CSV/TSV file inside it")
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    raw = gzip.open(path, "rb") if gzipped else open(path, "rb")
-    # newline="" so that quoted fields with embedded newlines survive, as the csv module expects.
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as raw:
+        for line_no, line in enumerate(raw, 1):
+            try:
+                yield line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {line_no} is not valid UTF-8 ({e.reason} at byte "
+                                f"{e.start}). Fix: re-save the file as UTF-8, e.g. "
+                                "iconv -f latin1 -t utf-8 in.csv > out.csv") from None
 
 
 def find_column(header, names, path, what):
@@ -89,77 +94,70 @@ def read_pairs(path, require_label=True):
     """
     name = os.path.basename(path)
     delimiter = "\t" if ".tsv" in name.lower() else None
-    f = open_text(path)
-    try:
-        try:
-            first = f.readline()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: line 1 is not valid UTF-8 ({e.reason}). Fix: re-save the file "
-                            "as UTF-8, e.g. iconv -f latin1 -t utf-8 in.csv > out.csv") from None
-        if not first.strip():
-            raise DataError(f"{path}: the file is empty. Fix: pass Kaggle's train.csv, which starts "
-                            "with the header id,qid1,qid2,question1,question2,is_duplicate")
-        if delimiter is None:
-            delimiter = "\t" if first.count("\t") > first.count(",") else ","
-        # TSVs (GLUE, Quora's release) are unquoted: a leading '"' is part of the question text.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        header = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
-        c1 = find_column(header, QUESTION1_COLUMNS, path, "question1")
-        c2 = find_column(header, QUESTION2_COLUMNS, path, "question2")
-        cl = find_column(header, LABEL_COLUMNS, path, "0/1 label" if require_label else None)
-        ci1 = find_column(header, QID1_COLUMNS, path, None)
-        ci2 = find_column(header, QID2_COLUMNS, path, None)
-        has_qids = ci1 is not None and ci2 is not None
-        width = len(header)
+    lines = open_lines(path)
+    first = next(lines, "")
+    if not first.strip():
+        raise DataError(f"{path}: the file is empty. Fix: pass Kaggle's train.csv, which starts "
+                        "with the header id,qid1,qid2,question1,question2,is_duplicate")
+    if delimiter is None:
+        delimiter = "\t" if first.count("\t") > first.count(",") else ","
+    # TSVs (GLUE, Quora's release) are unquoted: a leading '"' is part of the question text.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    header = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
+    c1 = find_column(header, QUESTION1_COLUMNS, path, "question1")
+    c2 = find_column(header, QUESTION2_COLUMNS, path, "question2")
+    cl = find_column(header, LABEL_COLUMNS, path, "0/1 label" if require_label else None)
+    ci1 = find_column(header, QID1_COLUMNS, path, None)
+    ci2 = find_column(header, QID2_COLUMNS, path, None)
+    has_qids = ci1 is not None and ci2 is not None
+    width = len(header)
 
-        pairs = {"q1": [], "q2": [], "qid1": [] if has_qids else None,
-                 "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": []}
-        rejects = []
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=False)
-        row_no, line = 0, 1
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                break
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: bytes after line {line + 1} (data row {row_no + 1}) are not "
-                                f"valid UTF-8 ({e.reason}). Fix: re-save the file as UTF-8, e.g. "
-                                "iconv -f latin1 -t utf-8 in.csv > out.csv") from None
-            except csv.Error as e:
-                raise DataError(f"{path}: cannot parse near line {line + 1} ({e}). Fix: check the "
-                                "quoting on that line") from None
-            row_no, line = row_no + 1, reader.line_num + 1
-            if not fields:  # blank line
-                rejects.append((row_no, line, "blank line"))
-                continue
-            if len(fields) != width:
-                rejects.append((row_no, line, f"malformed: {len(fields)} fields, header has {width}"))
-                continue
-            q1, q2 = fields[c1].strip(), fields[c2].strip()
-            if not q1 or not q2:
-                rejects.append((row_no, line, f"empty question{'1' if not q1 else '2'}"))
-                continue
-            if cl is not None:
-                label = fields[cl].strip()
-                if label not in ("0", "1"):
-                    if require_label or label:
-                        rejects.append((row_no, line, f"label {label[:20]!r} is not 0 or 1"))
-                        continue
-            if has_qids:
-                qid1, qid2 = fields[ci1].strip(), fields[ci2].strip()
-                if not qid1 or not qid2:
-                    rejects.append((row_no, line, "empty qid"))
+    pairs = {"q1": [], "q2": [], "qid1": [] if has_qids else None,
+             "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": []}
+    rejects = []
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=False)
+    row_no, line = 0, 2  # line: the file line where the current row starts (header is line 1)
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{path}: cannot parse the row starting at line {line} ({e}). Fix: check "
+                            "the quoting on that line") from None
+        row_no, start, line = row_no + 1, line, reader.line_num + 2
+        if not fields:  # blank line
+            rejects.append((row_no, start, "blank line"))
+            continue
+        if len(fields) != width:
+            if line - start > 1:  # an opening quote never closed swallows the lines after it
+                raise DataError(f"{path}: the row starting at line {start} has an unbalanced quote "
+                                f"that runs over {line - start} lines. Fix: close or remove the "
+                                "quote on that line")
+            rejects.append((row_no, start, f"malformed: {len(fields)} fields, header has {width}"))
+            continue
+        q1, q2 = fields[c1].strip(), fields[c2].strip()
+        if not q1 or not q2:
+            rejects.append((row_no, start, f"empty question{'1' if not q1 else '2'}"))
+            continue
+        if cl is not None:
+            label = fields[cl].strip()
+            if label not in ("0", "1"):
+                if require_label or label:
+                    rejects.append((row_no, start, f"label {label[:20]!r} is not 0 or 1"))
                     continue
-                pairs["qid1"].append(qid1)
-                pairs["qid2"].append(qid2)
-            pairs["q1"].append(q1)
-            pairs["q2"].append(q2)
-            if cl is not None:
-                pairs["label"].append(int(label) if label else -1)
-            pairs["row"].append(row_no)
-    finally:
-        f.close()
+        if has_qids:
+            qid1, qid2 = fields[ci1].strip(), fields[ci2].strip()
+            if not qid1 or not qid2:
+                rejects.append((row_no, start, "empty qid"))
+                continue
+            pairs["qid1"].append(qid1)
+            pairs["qid2"].append(qid2)
+        pairs["q1"].append(q1)
+        pairs["q2"].append(q2)
+        if cl is not None:
+            pairs["label"].append(int(label) if label else -1)
+        pairs["row"].append(row_no)
     if row_no == 0:
         raise DataError(f"{path}: has a header but no rows. Fix: pass the full file")
     if not pairs["q1"]:

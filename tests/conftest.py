@@ -75,3 +75,24 @@ def tiny_data(tmp_path, pairs_csv):
     out = str(tmp_path / "prep")
     preprocess.main([pairs_csv, "--out_dir", out, "--max_len", "32"])
     return out
+
+
+def save_tiny_encoder(path, hf_config):
+    """A tiny random encoder saved like a real HF model folder, with the bundled tokenizer."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    import torch
+    from model import BUNDLED_MODEL, resolve_model
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(**hf_config)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_model(BUNDLED_MODEL)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"), TINY_BERT)
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_dir(tmp_path_factory):
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny_distilbert"), TINY_DISTILBERT)
