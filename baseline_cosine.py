@@ -31,7 +31,8 @@ from torch.nn import functional as F
 
 import preprocess
 from data import SPLITS, DataError
-from evaluate import fail, open_data_dir, open_splits, report_datasets, score_dataset, setup_device, write_results
+from evaluate import (fail, open_data_dir, open_splits, report_datasets, score_dataset, setup_device,
+                      write_results)
 from model import BUNDLED_MODEL, ModelConfig, load_encoder, pool
 
 
@@ -92,6 +93,7 @@ def baseline(cfg):
 
 
 def load_pretrained(name):
+    """The pretrained encoder as downloaded, no head; a missing model is a one-line error."""
     try:
         return load_encoder(ModelConfig(encoder=name))
     except OSError as e:

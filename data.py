@@ -146,6 +146,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             batch = np.resize(batch, self.num_replicas)
         return np.array_split(batch, self.num_replicas)[self.rank]
 
+    def global_sizes(self, epoch):
+        """Pairs in each global batch (all ranks together) of an epoch."""
+        return [max(len(b), self.num_replicas) for b in self.global_batches(epoch)]
+
     def __iter__(self):
         for batch in self.global_batches(self.epoch)[self.start_batch:]:
             yield self.shard(batch).tolist()

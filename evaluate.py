@@ -1,7 +1,9 @@
 """Evaluate a trained checkpoint: the notebook's metrics at argmax and at validation-tuned thresholds.
 
-    python evaluate.py out/smoke/ckpt.pt --batch_size 64                                # CPU smoke (train.py's smoke run), seconds
-    python evaluate.py out/ckpt.pt --split all --batch_size 1024 --num_workers 4        # GPU, all of QQP's 404k pairs
+    # CPU smoke, on the checkpoint of train.py's smoke run (800 validation + 800 test pairs):
+    python evaluate.py out/smoke/ckpt.pt --batch_size 64
+    # GPU, the real run's checkpoint on every split of Kaggle's 404k pairs:
+    python evaluate.py out/ckpt.pt --split all --batch_size 1024 --num_workers 4
 
 The model is rebuilt from the checkpoint alone (config + weights, no pretrained download). Input is
 a split of a preprocessed folder (default: the folder the model was trained on) or a raw labelled
@@ -33,6 +35,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import metrics
 import preprocess
@@ -63,7 +66,12 @@ def fail(message):
 
 def setup_device(name, file=None):
     """Device and autocast dtype, decided once and printed as one banner line."""
-    device = pick_device(name)
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device. Fix: use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA GPU here. Fix: use --device auto or cpu")
     amp_dtype = pick_precision(device)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "off (fp32)"
@@ -130,7 +138,6 @@ def open_splits(data_dir, split):
 
 def progress_bar(total, desc):
     """tqdm on a terminal only: in logs a bar is noise, one line at the end says the same."""
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="pair", disable=not sys.stderr.isatty())
 
 
@@ -146,7 +153,8 @@ def score_dataset(score_batch, dataset, layout, batch_size, device, amp_dtype, n
     scores = np.empty(len(dataset), np.float32)
     bar = progress_bar(len(dataset), desc)
     t0 = time.time()
-    with torch.inference_mode(), (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()):
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with torch.inference_mode(), autocast:
         for batch in loader:
             index = batch.pop("index").numpy()  # (B,) dataset rows, kept on the CPU for the put-back
             scores[index] = score_batch(to_device(batch, device)).float().cpu().numpy()  # (B,)

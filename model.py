@@ -93,6 +93,10 @@ class PairModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.encoder = load_encoder(cfg)
+        if getattr(self.encoder, "pooler", None) is not None:
+            # BERT's pooler is unused (we pool last_hidden_state ourselves); DDP would fail on
+            # parameters that never get a gradient, and it costs a matmul per question.
+            self.encoder.pooler = None
         # Keep the encoder's own config so the model can be rebuilt from the checkpoint alone.
         enc_cfg = self.encoder.config.to_dict()
         self.cfg = ModelConfig(**{**asdict(cfg), "encoder_config": {

@@ -1,13 +1,16 @@
 """Duplicate probability of question pairs from a trained checkpoint.
 
-    python predict.py out/smoke/ckpt.pt "How do I learn Python?" "What is the best way to learn Python?"    # CPU, seconds
-    python predict.py out/ckpt.pt --csv test.csv --out preds.csv --threshold_from out/eval_test/results.json --batch_size 1024 --num_workers 4   # GPU, Kaggle's 2.3M test pairs
+    # CPU, one pair, on the checkpoint of train.py's smoke run (seconds):
+    python predict.py out/smoke/ckpt.pt "How do I learn Python?" "What is the best way to learn Python?"
+    # GPU, Kaggle's 2.3M test pairs, at the F1 threshold evaluate.py tuned on validation:
+    python predict.py out/ckpt.pt --csv test.csv --out preds.csv \
+        --threshold_from out/eval_test/results.json --batch_size 1024 --num_workers 4
 
 One pair: prints its probability of being a duplicate (a number in [0, 1], nothing else on stdout).
 --csv: any CSV/TSV with two question columns (a label column is not needed) -> a CSV with, per
-usable input row, its id (or 1-based row number when the file has no id column), the probability
-and the predicted label (probability >= threshold). Unusable rows (e.g. an empty question) are
-listed in <out>.rejects.tsv.
+usable input row, its id (where preprocess.read_pairs reports one, else its 1-based data row
+number), the probability and the predicted label (probability >= threshold). Unusable rows (e.g.
+an empty question) are listed in <out>.rejects.tsv.
 
 The threshold is --threshold (default 0.5, the argmax), or with --threshold_from the best-F1
 threshold that evaluate.py chose on the validation split (never on the data it is applied to).

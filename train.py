@@ -333,6 +333,9 @@ def train(cfg):
     while step < total_steps and stop_reason is None:
         sampler.set_epoch(epoch, start_batch=batches_done)
         batches = iter(train_loader)
+        # With DDP, ranks may hold unequal slices of the last global batch; weighting each rank's
+        # mean loss by its share makes DDP's gradient average the mean over the global batch.
+        global_sizes = sampler.global_sizes(epoch) if world > 1 else None
         while batches_done < batches_per_epoch and step < total_steps:
             # One optimizer step over up to grad_accum_steps micro-batches (fewer at the epoch end;
             # the loss is divided by the real count so every step averages its pairs' losses).
@@ -345,6 +348,8 @@ def train(cfg):
                 with (nullcontext() if sync else model.no_sync()), autocast():
                     logits = model(batch)  # (B, 2)
                     loss = loss_fn(logits, batch["labels"]) / n_micro
+                    if world > 1:
+                        loss = loss * len(batch["labels"]) * world / global_sizes[batches_done + micro]
                 scaler.scale(loss).backward()
                 loss_since += loss.detach()
                 pairs_since += len(batch["labels"]) * world

@@ -248,7 +248,8 @@ def test_checkpoint_of_another_format_exits_2(tmp_path, capsys):
 
 
 def test_csv_without_question_columns_exits_2(ckpt, tmp_path, capsys):
-    path = write_csv(tmp_path / "cols.csv", [[1, "a", "b", 0]], header=("id", "text", "other", "is_duplicate"))
+    path = write_csv(tmp_path / "cols.csv", [[1, "a", "b", 0]],
+                     header=("id", "text", "other", "is_duplicate"))
     assert "no question1 column" in run_bad(evaluate.main, [ckpt, "--csv", path], capsys)
     assert "no question1 column" in run_bad(predict.main, [ckpt, "--csv", path], capsys)
 
