@@ -39,6 +39,11 @@ def load_manifest(data_dir):
     return manifest
 
 
+def fingerprint(manifest):
+    """Identifies a data folder's content: everything preprocess.py's output depends on."""
+    return json.dumps(manifest["cache_key"], sort_keys=True)
+
+
 def check_tokenizer(manifest, vocab_hash, model_name, data_dir):
     """The data must have been tokenized with the model's own vocabulary."""
     if manifest["vocab_hash"] != vocab_hash:

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import metrics
 import preprocess
-from data import (SPLITS, DataError, InMemoryPairs, PairDataset, check_tokenizer, load_manifest,
-                  make_loader, to_device)
+from data import (SPLITS, DataError, InMemoryPairs, PairDataset, check_tokenizer, fingerprint,
+                  load_manifest, make_loader, to_device)
 from model import load_checkpoint, model_from_checkpoint, pick_device, pick_precision
 
 
@@ -362,7 +362,7 @@ def pick_datasets(cfg, ckpt, out_dir):
     data_dir = os.path.abspath(cfg.data_dir or data["data_dir"])
     if not cfg.csv:
         manifest = open_data_dir(data_dir, data["vocab_hash"], data["tokenizer"])
-        if json.dumps(manifest["cache_key"], sort_keys=True) != data.get("fingerprint"):
+        if fingerprint(manifest) != data.get("fingerprint"):
             print(f"note: {data_dir} is not the exact folder the model was trained on (other source, "
                   "options or split): its validation/test questions may have been in training")
         return (*open_splits(data_dir, cfg.split), data_dir, {})

@@ -66,7 +66,7 @@ def format_report(m, title):
              f"F1 score: {m['f1']:.4f}",
              f"Precision: {m['precision']:.4f}",
              f"Recall: {m['recall']:.4f}",
-             f"Confusion matrix (rows: true 0/1, columns: predicted 0/1, threshold {m['threshold']:.4f}):",
+             f"Confusion matrix (rows: true 0/1, columns: predicted 0/1, threshold {m['threshold']:.6g}):",
              f" [[{cm[0][0]} {cm[0][1]}]",
              f"  [{cm[1][0]} {cm[1][1]}]]",
              f"ROC-AUC: {m['roc_auc']:.4f}  average precision: {m['average_precision']:.4f}  "

@@ -35,6 +35,7 @@ QUESTION1_COLUMNS = ("question1", "sentence1", "q1", "text1", "text_a")
 QUESTION2_COLUMNS = ("question2", "sentence2", "q2", "text2", "text_b")
 LABEL_COLUMNS = ("is_duplicate", "label", "duplicate", "is_paraphrase")
 QID1_COLUMNS, QID2_COLUMNS = ("qid1",), ("qid2",)
+ID_COLUMNS = ("id", "test_id", "pair_id")
 
 
 @dataclass
@@ -89,7 +90,8 @@ def read_pairs(path, require_label=True):
     """Read and validate a pairs file.
 
     Returns (pairs, rejects, rows_read): pairs is a dict of lists q1, q2, qid1, qid2 (None when the
-    file has no qids), label (None when not required and absent), row (1-based data row number);
+    file has no qids), label (None when not required and absent), row (1-based data row number),
+    id (the file's pair id column, None when absent);
     rejects is a list of (row, line, reason) for rows that cannot be used.
     """
     name = os.path.basename(path)
@@ -109,11 +111,13 @@ def read_pairs(path, require_label=True):
     cl = find_column(header, LABEL_COLUMNS, path, "0/1 label" if require_label else None)
     ci1 = find_column(header, QID1_COLUMNS, path, None)
     ci2 = find_column(header, QID2_COLUMNS, path, None)
+    cid = find_column(header, ID_COLUMNS, path, None)
     has_qids = ci1 is not None and ci2 is not None
     width = len(header)
 
     pairs = {"q1": [], "q2": [], "qid1": [] if has_qids else None,
-             "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": []}
+             "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": [],
+             "id": [] if cid is not None else None}
     rejects = []
     reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=False)
     row_no, line = 0, 2  # line: the file line where the current row starts (header is line 1)
@@ -158,6 +162,8 @@ def read_pairs(path, require_label=True):
         if cl is not None:
             pairs["label"].append(int(label) if label else -1)
         pairs["row"].append(row_no)
+        if cid is not None:
+            pairs["id"].append(fields[cid].strip())
     if row_no == 0:
         raise DataError(f"{path}: has a header but no rows. Fix: pass the full file")
     if not pairs["q1"]:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from data import DataError, PairDataset, check_tokenizer, make_loader, to_device
+from data import DataError, PairDataset, check_tokenizer, fingerprint, make_loader, to_device
 from metrics import compute_metrics, format_report
 from model import (BUNDLED_MODEL, ModelConfig, build_model, load_checkpoint, loss_fn,
                    model_from_checkpoint, pick_device, pick_precision, save_checkpoint)
@@ -130,7 +130,7 @@ def set_rng_state(state):
 
 
 def data_fingerprint(manifest, data_dir):
-    return {"data_dir": os.path.abspath(data_dir), "fingerprint": json.dumps(manifest["cache_key"], sort_keys=True),
+    return {"data_dir": os.path.abspath(data_dir), "fingerprint": fingerprint(manifest),
             "tokenizer": manifest["tokenizer"], "tokenizer_path": manifest["tokenizer_path"],
             "vocab_hash": manifest["vocab_hash"], "pad_token_id": manifest["pad_token_id"],
             "max_len": manifest["max_len"], "split_policy": manifest["split_policy"]}
