@@ -37,8 +37,8 @@ def resolve_model(name):
 class ModelConfig:
     encoder: str = BUNDLED_MODEL   # HF name or local folder; ignored when encoder_config is set
     arch: str = "siamese"          # 'siamese' (notebook) or 'cross' (one joined sequence)
-    pooling: str = "cls"           # 'cls' (notebook) or 'mean' over real tokens
-    features: str = "concat"       # siamese head input: 'concat' [u,v] (notebook) or 'rich' [u,v,|u-v|,u*v]
+    pooling: str = "mean"          # 'mean' over real tokens, or 'cls' (notebook)
+    features: str = "rich"         # siamese head input: 'rich' [u,v,|u-v|,u*v] or 'concat' [u,v] (notebook)
     hidden: int = 300              # head width (notebook: 300)
     dropout: float = 0.25          # head dropout (notebook: 0.25)
     freeze_encoder: bool = False   # notebook's "static BERT": train the head only
