@@ -42,6 +42,7 @@ class ModelConfig:
     hidden: int = 300              # head width (notebook: 300)
     dropout: float = 0.25          # head dropout (notebook: 0.25)
     freeze_encoder: bool = False   # notebook's "static BERT": train the head only
+    symmetric: bool = False        # siamese: average the logits of (q1, q2) and (q2, q1)
     encoder_config: dict = field(default_factory=dict)  # HF config dict: rebuild without weights
 
 
@@ -131,10 +132,17 @@ class SiameseClassifier(PairModel):
                              for ids, mask in zip(batch["q_ids"], batch["q_mask"])])  # (2B, H)
         return emb[batch["q1_pos"]], emb[batch["q2_pos"]]  # (B, H) each
 
-    def forward(self, batch):
-        u, v = self.embed_pair(batch)
+    def pair_logits(self, u, v):
         feats = [u, v] if self.cfg.features == "concat" else [u, v, (u - v).abs(), u * v]
         return self.head(torch.cat(feats, dim=-1))  # (B, 2)
+
+    def forward(self, batch):
+        u, v = self.embed_pair(batch)  # (B, H) each
+        if not self.cfg.symmetric:
+            return self.pair_logits(u, v)
+        # "Is q1 a duplicate of q2" is the same question as the reverse; averaging both orders
+        # builds that in. The head is tiny, so the second order costs nothing measurable.
+        return (self.pair_logits(u, v) + self.pair_logits(v, u)) / 2
 
 
 class CrossEncoder(PairModel):

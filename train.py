@@ -53,6 +53,7 @@ class TrainConfig:
     hidden: int = 300
     dropout: float = 0.25
     freeze_encoder: bool = False      # the notebook's "static BERT": train the head only
+    symmetric: bool = False           # siamese: average the logits of both question orders
     # optimization (notebook: Adam, lr 1e-4, batch 128, clip 1.0)
     epochs: int = 5
     bs: int = 128                     # pairs per micro-batch per process
@@ -233,7 +234,8 @@ def train(cfg):
     # --- model; the tokenizer must be the one the data was made with
     from preprocess import load_tokenizer, vocab_hash
     model_cfg = ModelConfig(encoder=cfg.encoder, arch=cfg.arch, pooling=cfg.pooling, features=cfg.features,
-                            hidden=cfg.hidden, dropout=cfg.dropout, freeze_encoder=cfg.freeze_encoder)
+                            hidden=cfg.hidden, dropout=cfg.dropout, freeze_encoder=cfg.freeze_encoder,
+                            symmetric=cfg.symmetric)
     tokenizer = load_tokenizer(cfg.encoder)
     check_tokenizer(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
     model = build_model(model_cfg).to(device)

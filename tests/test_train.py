@@ -221,3 +221,17 @@ def test_bad_inputs_give_one_line_errors(tmp_path, args, message):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and message in r.stderr
+
+
+def test_symmetric_siamese_ignores_question_order(tiny_data):
+    """--symmetric: p(q1, q2) == p(q2, q1); without it the head sees an ordered pair."""
+    ds = PairDataset(tiny_data, "train")
+    items = [ds[i] for i in range(8)]
+    swapped = [(i, b, a, y) for i, a, b, y in items]
+    collate = Collator("siamese", ds.manifest["pad_token_id"])
+    for symmetric in (True, False):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(encoder_config=TINY_BERT, symmetric=symmetric)).eval()
+        with torch.no_grad():
+            same = torch.allclose(model(collate(items)), model(collate(swapped)), atol=1e-5)
+        assert same == symmetric
