@@ -196,6 +196,9 @@ def train(cfg):
         state = load_checkpoint(last_path)
         cfg = TrainConfig(**{**state["train_config"], "resume": True})
         say(f"resuming from {last_path} at step {state['step']} (its saved config is used)")
+    elif os.path.exists(last_path):
+        say(f"note: starting a new run in {cfg.out_dir}: its last.pt will be overwritten "
+            "(--resume continues it instead)")
 
     # --- device and precision, decided once
     device = pick_device(cfg.device)
