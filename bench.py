@@ -19,8 +19,9 @@ Stages (--stages, comma-separated, or 'all'), each ours against the notebook's w
               Collator) against the notebook's (random order, q1 and q2 each padded to their batch max).
   train       pairs per second over --train_steps steps after --warmup_steps, same encoder weights,
               same batch size, the same fixed random sample of pairs on both sides. Ours is
-              train.py's step (make_loader, autocast, loss_fn, backward, unscale, clip, AdamW step,
-              zero_grad, schedule); the notebook's is its train() loop re-implemented below.
+              train.py's step with its default settings (make_loader, autocast, loss_fn, backward,
+              unscale, clip, AdamW step, zero_grad, schedule; its default head, pooling and pair
+              features); the notebook's is its train() loop re-implemented below.
   infer       pairs per second of evaluate.score_dataset against the notebook's get_predictions.
   gpu         on CUDA: model FLOPs utilization (6 x non-embedding parameters x real tokens over the
               measured bf16 matmul rate; attention adds < 1% at these lengths), the share of step time
@@ -297,17 +298,29 @@ class Workspace:
         return pairs["q1"], pairs["q2"], pairs["label"]
 
     @cached_property
+    def train_defaults(self):
+        from train import TrainConfig
+        return TrainConfig()
+
+    @property
+    def layout(self):
+        return self.train_defaults.arch  # the Collator's layout is the architecture's
+
+    @cached_property
     def models(self):
-        """(ours, the notebook's), the same encoder weights in both."""
+        """(ours, the notebook's), the same encoder weights in both. Ours is built as train.py
+        builds it with its default settings (head, pooling, features)."""
         from model import ModelConfig, build_model
+        model_fields = {f.name for f in fields(ModelConfig)} - {"encoder", "encoder_config"}
+        head = {k: v for k, v in asdict(self.train_defaults).items() if k in model_fields}
         torch.manual_seed(self.cfg.seed)
         if self.run.model_name == DISTILBERT_CONFIG:
             from transformers import DistilBertConfig
             hf = {k: v for k, v in DistilBertConfig().to_dict().items()
                   if not k.startswith("_") and k != "transformers_version"}
-            mc = ModelConfig(encoder_config=hf)
+            mc = ModelConfig(encoder_config=hf, **head)
         else:
-            mc = ModelConfig(encoder=self.run.model_name)
+            mc = ModelConfig(encoder=self.run.model_name, **head)
         ours = build_model(mc)
         notebook = NotebookModel(copy.deepcopy(ours.encoder), self.run.device)
         return ours.to(self.run.device), notebook.to(self.run.device)
@@ -382,8 +395,8 @@ def stage_preprocess(ws, cfg, run):
 def stage_data(ws, cfg, run):
     from data import make_loader, to_device
     ds, device, cuda = ws.dataset, run.device, run.device.type == "cuda"
-    loader, sampler = make_loader(ds, "siamese", cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                  pin_memory=cuda)
+    loader, sampler = make_loader(ds, ws.layout, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                  pin_memory=cuda, max_chunks=ws.train_defaults.max_chunks)
     n_epochs = -(-cfg.data_batches // len(sampler))
     index_batches = []  # the batches ours will make, for the notebook to tokenize the same pairs
     for epoch in range(1, n_epochs + 1):
@@ -440,7 +453,8 @@ def stage_data(ws, cfg, run):
 
 def stage_padding(ws, cfg, run):
     from data import make_loader, padding_stats
-    loader, sampler = make_loader(ws.dataset, "siamese", cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader, _ = make_loader(ws.dataset, ws.layout, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                            max_chunks=ws.train_defaults.max_chunks)
     ours = np.array([padding_stats(batch) for batch in loader]).sum(0)  # (real, padded)
     q1, q2, labels = ws.texts
     random.seed(cfg.seed)
@@ -460,28 +474,31 @@ def stage_padding(ws, cfg, run):
 
 
 def ours_train(ws, cfg, run, warm_rows, timed_rows):
-    """train.py's step, timed over one pass of timed_rows after one of warm_rows."""
+    """train.py's step with its default settings, timed over one pass of timed_rows after one of
+    warm_rows."""
     from data import make_loader, padding_stats, to_device
     from model import loss_fn
     from train import lr_lambda
+    tc = ws.train_defaults
     device, amp_dtype = run.device, run.amp_dtype
     raw_model = ws.models[0]
     model = torch.compile(raw_model) if cfg.compile else raw_model
     decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=1e-4,
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
                                   fused=device.type == "cuda")
     total = run.warmup_steps + run.train_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(0.06 * total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(tc.warmup_ratio * total)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     model.train()
 
     def one_pass(rows, seed):
-        loader, _ = make_loader(ws.subset(rows), "siamese", cfg.batch_size, shuffle=True, seed=seed,
+        loader, _ = make_loader(ws.subset(rows), ws.layout, cfg.batch_size, shuffle=True, seed=seed,
                                 num_workers=run.num_workers, pin_memory=device.type == "cuda",
-                                max_chunks=1 if cfg.compile else 2, pad_multiple=16 if cfg.compile else 1)
+                                max_chunks=1 if cfg.compile else tc.max_chunks,
+                                pad_multiple=16 if cfg.compile else 1)
         stats = {"data_wait_s": 0.0, "real_tokens": 0, "padded_tokens": 0, "pairs": 0}
         loss_sum = torch.zeros((), device=device)
         batches = iter(loader)  # worker start-up (once per epoch in train.py) is not timed
@@ -501,7 +518,7 @@ def ours_train(ws, cfg, run, warm_rows, timed_rows):
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -567,8 +584,9 @@ def stage_train(ws, cfg, run):
         target, ok = ">= 1.5x", ratio >= 1.5
     rows = [row("train", f"pairs / s ({run.train_steps} steps)", ours["pairs_per_sec"],
                 notebook["pairs_per_sec"], ratio, target, ok)]
+    ours_model = {k: v for k, v in asdict(ws.models[0].cfg).items() if k != "encoder_config"}
     return {"ours": ours, "notebook": notebook, "ratio": ratio, "steps": run.train_steps,
-            "warmup_steps": run.warmup_steps, "rows": rows}
+            "warmup_steps": run.warmup_steps, "ours_model": ours_model, "rows": rows}
 
 
 def stage_infer(ws, cfg, run):
@@ -579,7 +597,7 @@ def stage_infer(ws, cfg, run):
     warm = rows[:2 * cfg.batch_size]
 
     def ours(r):
-        return score_dataset(model_probability(ours_model), ws.subset(r), "siamese", cfg.batch_size,
+        return score_dataset(model_probability(ours_model), ws.subset(r), ws.layout, cfg.batch_size,
                              run.device, run.amp_dtype, num_workers=run.num_workers, verbose=False)
 
     def notebook(r):
@@ -659,8 +677,11 @@ STAGE_FUNCTIONS = {"preprocess": stage_preprocess, "data": stage_data, "padding"
 # ----------------------------------------------------------------------------- report
 
 def row(stage, measure, ours, notebook, ratio, target, passed):
-    return {"stage": stage, "measure": measure, "ours": ours, "notebook": notebook, "ratio": ratio,
-            "target": target, "pass": passed}
+    def num(v):  # numpy scalars -> plain JSON numbers and booleans
+        return v if v is None or isinstance(v, str) else float(v)
+    return {"stage": stage, "measure": measure, "ours": num(ours), "notebook": num(notebook),
+            "ratio": num(ratio), "target": target,
+            "pass": passed if passed is None or isinstance(passed, str) else bool(passed)}
 
 
 def fmt(v):

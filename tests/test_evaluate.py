@@ -181,7 +181,7 @@ def test_predict_csv_one_row_per_input(ckpt, pairs_csv, tmp_path):
     with open(out) as f:
         got = list(csv.DictReader(f))
     assert len(got) == 400
-    assert [int(g["row"]) for g in got] == list(range(1, 401))
+    assert [int(g["id"]) for g in got] == list(range(400))  # the file's own id column, in order
     for g in got:
         p = float(g["probability"])
         assert 0 <= p <= 1 and int(g["prediction"]) == int(p >= 0.5)
