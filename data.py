@@ -69,7 +69,8 @@ class PairDataset(torch.utils.data.Dataset):
     @property
     def tokens(self):
         if self._tokens is None:
-            self._tokens = np.load(self.tokens_path, mmap_mode="r")
+            # Still memory-mapped; a plain ndarray view slices faster than np.memmap.
+            self._tokens = np.asarray(np.load(self.tokens_path, mmap_mode="r"))
         return self._tokens
 
     def __len__(self):
@@ -115,7 +116,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths, batch_size, seed=0, shuffle=True, num_replicas=1, rank=0,
-                 bucket_batches=50):
+                 bucket_batches=100):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_replicas, self.rank, self.bucket_batches = num_replicas, rank, bucket_batches
@@ -166,26 +167,27 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def best_cuts(sorted_lengths, max_chunks):
     """Cut points splitting sorted lengths into <= max_chunks groups with the fewest padded tokens
-    (each group padded to its last, longest member). Dynamic programming over distinct lengths."""
-    values, ends = np.unique(sorted_lengths, return_index=False, return_counts=True)
-    ends = np.cumsum(ends)  # end position of each distinct length
+    (each group padded to its last, longest member): dynamic programming over distinct lengths,
+    vectorized over group starts and ends (this runs once per batch)."""
+    values, counts = np.unique(sorted_lengths, return_counts=True)
+    ends = np.concatenate([[0], np.cumsum(counts)])  # ends[j]: items holding the first j values
     n = len(values)
-    # cost[m][j]: fewest padded tokens covering the first j distinct values with m groups
-    inf = float("inf")
-    cost = [[0.0] + [inf] * n] + [[inf] * (n + 1) for _ in range(max_chunks)]
-    back = [[0] * (n + 1) for _ in range(max_chunks + 1)]
+    # span[i, c]: padded tokens of one group holding distinct values i..c (c >= i)
+    span = (ends[None, 1:] - ends[:-1, None]) * values[None, :].astype(np.float64)
+    span[np.tril_indices(n, -1)] = np.inf
+    cost = np.r_[0.0, np.full(n, np.inf)]  # cost[j]: fewest padded tokens covering the first j values
+    back, best_total, best_m = [], np.inf, 0
     for m in range(1, max_chunks + 1):
-        for j in range(1, n + 1):
-            for i in range(m - 1, j):
-                c = cost[m - 1][i] + (ends[j - 1] - (ends[i - 1] if i else 0)) * values[j - 1]
-                if c < cost[m][j]:
-                    cost[m][j], back[m][j] = c, i
-    m = min(range(1, max_chunks + 1), key=lambda k: cost[k][n])
+        total = cost[:-1, None] + span  # (start i, last value c)
+        start = total.argmin(0)  # best start of the last group, for each last value
+        cost = np.r_[np.inf, total[start, np.arange(n)]]
+        back.append(start)
+        if cost[n] < best_total:  # strictly better: fewer groups win ties
+            best_total, best_m = cost[n], m
     cuts, j = [], n
-    while m > 0:
-        i = back[m][j]
-        cuts.append(int(ends[j - 1]))
-        j, m = i, m - 1
+    for m in range(best_m, 0, -1):
+        cuts.append(int(ends[j]))
+        j = int(back[m - 1][j - 1])
     return sorted(cuts)  # end positions (exclusive) of each group
 
 
@@ -204,13 +206,12 @@ class Collator:
         self.pad_multiple, self.max_joined_len = pad_multiple, max_joined_len
 
     def pad(self, seqs):
-        length = pad_to_bucket(max(len(s) for s in seqs), self.pad_multiple)
+        lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        length = pad_to_bucket(int(lens.max()), self.pad_multiple)
+        mask = np.arange(length)[None, :] < lens[:, None]  # (n, L) True on real tokens
         ids = np.full((len(seqs), length), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), length), dtype=np.int64)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = s
-            mask[r, :len(s)] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        ids[mask] = np.concatenate(seqs)  # row-major: fills each row's real tokens in order
+        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
     def __call__(self, items):
         index, q1, q2, labels = zip(*items)
