@@ -478,7 +478,6 @@ def preprocess(cfg):
     fracs = (1 - cfg.val_frac - cfg.test_frac, cfg.val_frac, cfg.test_frac)
     split_stats = {}
     n_closure = 0
-    implied_before_closure = None
     if cfg.split == "random":
         if cfg.transitive:  # notebook order: closure on everything, then split pairs at random
             a, b = transitive_positives(q1, q2, labels)
