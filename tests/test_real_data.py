@@ -1,6 +1,6 @@
 """The acceptance run on the real 8k rows: fine-tuned MiniLM must clearly beat the cosine baseline.
 
-Opt-in (about 8 minutes on 2 CPU cores):  python -m pytest -q -m slow
+Opt-in (about 5 minutes on 2 CPU cores):  python -m pytest -q -m slow
 """
 import json
 import os
