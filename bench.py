@@ -40,7 +40,6 @@ stage also times that kind), TF32 matmuls on GPU (PyTorch 1.10's default then), 
 with its SDPA attention, zero_grad that frees gradients (today's default), no progress bars, and the
 raw questions instead of its word lists.
 """
-import argparse
 import copy
 import json
 import math
@@ -87,12 +86,8 @@ class BenchConfig:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(BenchConfig):
-        if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true")
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    from train import dataclass_parser
+    p = dataclass_parser(BenchConfig, __doc__)
     cfg = BenchConfig(**vars(p.parse_args(argv)))
     unknown = set(cfg.stages.split(",")) - set(STAGES) - {"all"}
     if unknown:

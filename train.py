@@ -79,14 +79,19 @@ class TrainConfig:
     max_chunks: int = 2               # siamese: encoder calls per batch (see data.Collator)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
+def dataclass_parser(config_cls, description):
+    """One flag per config field, named like the field; booleans are switches."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(config_cls):
         if f.type is bool or f.type == "bool":
             p.add_argument(f"--{f.name}", action="store_true")
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return p
+
+
+def parse_args(argv=None):
+    return TrainConfig(**vars(dataclass_parser(TrainConfig, __doc__).parse_args(argv)))
 
 
 class Stop(Exception):
