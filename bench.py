@@ -477,7 +477,7 @@ def ours_train(ws, cfg, run, warm_rows, timed_rows):
     warm_rows."""
     from data import make_loader, padding_stats, to_device
     from model import loss_fn
-    from train import lr_lambda
+    from train import lr_lambda, optimizer_step
     tc = ws.train_defaults
     device, amp_dtype = run.device, run.amp_dtype
     raw_model = ws.models[0]
@@ -516,12 +516,7 @@ def ours_train(ws, cfg, run, warm_rows, timed_rows):
                 loss = loss_fn(logits, batch["labels"])
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(raw_model, optimizer, scheduler, scaler, tc.clip)  # train.py's own
             stats["real_tokens"] += real
             stats["padded_tokens"] += padded
             stats["pairs"] += len(batch["labels"])

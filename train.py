@@ -118,6 +118,16 @@ def lr_lambda(total_steps, warmup_steps):
     return f
 
 
+def optimizer_step(model, optimizer, scheduler, scaler, clip):
+    """After backward: unscale (fp16), clip, step, update the scaler, zero grads, next lr."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def rng_state():
     """Every RNG the run draws from, in types torch.load(weights_only=True) accepts."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -366,12 +376,7 @@ def train(cfg):
                 scaler.scale(loss).backward()
                 loss_since += loss.detach()
                 pairs_since += len(batch["labels"]) * world
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(raw_model, optimizer, scheduler, scaler, cfg.clip)
             step += 1
             steps_since += 1
             batches_done += n_micro
