@@ -18,93 +18,73 @@ with the same metrics, results.json and plots as evaluate.py (into --out_dir).
 Caveat: the bundled default encoder, all-MiniLM-L6-v2, is not untuned for this task: its
 sentence-embedding training data include ~100k Quora duplicate-question pairs (see its model card),
 so it flatters this baseline and may have seen these very test pairs. The notebook's untuned
-encoder was distilbert-base-uncased (--model distilbert-base-uncased, with the data preprocessed
-with that --model too; it needs the model's files in the HF cache or a local folder).
+encoder was distilbert-base-uncased (--encoder distilbert-base-uncased, with the data preprocessed
+with that --encoder too; it needs the model's files in the HF cache or a local folder).
 """
-import argparse
 import os
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 from torch.nn import functional as F
 
-import preprocess
-from data import SPLITS, DataError
-from evaluate import (fail, open_data_dir, open_splits, report_datasets, score_dataset, setup_device,
-                      write_results)
-from model import BUNDLED_MODEL, ModelConfig, load_encoder, pool
+import engine
+import report
+from cli import UserError, arg, parse_config, run
+from data import open_data_dir, open_splits
+from model import BUNDLED_MODEL, ModelConfig, encode, load_encoder
+from text import load_tokenizer, vocab_hash
 
 
 @dataclass
 class BaselineConfig:
-    data_dir: str = "data/qqp"        # preprocessed folder, tokenized with --model's tokenizer
-    model: str = BUNDLED_MODEL        # encoder + tokenizer: HF name or local folder (default: bundled MiniLM)
-    pooling: str = "cls"              # 'cls' (notebook) or 'mean' over real tokens
-    threshold: float = 0.96           # the notebook's fixed cosine threshold
-    split: str = "test"               # reported split: test | train | validation | all
-    out_dir: str = "runs/baseline_cosine"  # results.json, scores, plots
-    batch_size: int = 256             # pairs per batch (2x as many questions per encoder pass)
-    num_workers: int = 0              # DataLoader processes collating batches (4 keeps a GPU busy)
-    device: str = "auto"              # auto = cuda > mps > cpu
-
-
-def parse_args(argv=None):
-    d = BaselineConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default=d.data_dir)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--pooling", default=d.pooling, choices=("cls", "mean"))
-    p.add_argument("--threshold", type=float, default=d.threshold)
-    p.add_argument("--split", default=d.split, choices=(*SPLITS, "all"))
-    p.add_argument("--out_dir", default=d.out_dir)
-    p.add_argument("--batch_size", type=int, default=d.batch_size)
-    p.add_argument("--num_workers", type=int, default=d.num_workers)
-    p.add_argument("--device", default=d.device)
-    return BaselineConfig(**vars(p.parse_args(argv)))
+    data_dir: str = arg("data/qqp", "preprocessed folder, tokenized with --encoder's tokenizer")
+    encoder: str = arg(BUNDLED_MODEL, "encoder + tokenizer: HF name or local folder (default: bundled MiniLM)")
+    pooling: Literal["cls", "mean"] = arg("cls", "cls (the notebook) or mean over real tokens")
+    threshold: float = arg(0.96, "the notebook's fixed cosine threshold")
+    split: Literal["test", "train", "validation", "all"] = arg("test", "split to report")
+    out_dir: str = arg("runs/baseline_cosine", "results.json, scores, plots")
+    batch_size: int = arg(256, "pairs per batch (2x as many questions per encoder pass)", aliases=["--bs"])
+    num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
+    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    try:
-        baseline(cfg)
-    except DataError as e:
-        fail(e)
+    cfg = parse_config(BaselineConfig, argv, __doc__)
+    run(baseline, cfg)
 
 
 def baseline(cfg):
-    tok = preprocess.load_tokenizer(cfg.model)
-    open_data_dir(cfg.data_dir, preprocess.vocab_hash(tok), cfg.model)
+    if cfg.batch_size < 1 or cfg.num_workers < 0 or not -1 <= cfg.threshold <= 1:
+        raise UserError(f"--batch_size {cfg.batch_size} --num_workers {cfg.num_workers} --threshold "
+                        f"{cfg.threshold}: out of range", "batch_size >= 1, num_workers >= 0, threshold "
+                        "a cosine in [-1, 1]")
+    tok = load_tokenizer(cfg.encoder)
+    manifest = open_data_dir(cfg.data_dir, vocab_hash(tok), cfg.encoder)
     datasets, validation = open_splits(cfg.data_dir, cfg.split)
-    device, amp_dtype = setup_device(cfg.device)
-    encoder = load_pretrained(cfg.model).to(device).eval()
-    print(f"cosine baseline: {cfg.model} ({encoder.config.model_type}, "
+    rt = engine.setup_runtime(cfg.device, cfg.precision)
+    encoder = load_encoder(ModelConfig(encoder=cfg.encoder)).to(rt.device).eval()
+    print(f"cosine baseline: {cfg.encoder} ({encoder.config.model_type}, "
           f"{sum(p.numel() for p in encoder.parameters()):,} parameters, untuned), {cfg.pooling} pooling")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    scores_of = partial(score_dataset, cosine_similarity(encoder, cfg.pooling), layout="siamese",
-                        batch_size=cfg.batch_size, device=device, amp_dtype=amp_dtype,
-                        num_workers=cfg.num_workers)
-    thresholds, results = report_datasets(scores_of, datasets, validation, {"notebook": cfg.threshold},
-                                          cfg.out_dir, probabilistic=False)  # cosines are not probabilities
-    write_results(cfg.out_dir, {"script": "baseline_cosine.py", "config": asdict(cfg),
-                                "model": cfg.model, "split": cfg.split,
-                                "data_dir": os.path.abspath(cfg.data_dir),
-                                "thresholds": thresholds, "results": results})
-
-
-def load_pretrained(name):
-    """The pretrained encoder as downloaded, no head; a missing model is a one-line error."""
-    try:
-        return load_encoder(ModelConfig(encoder=name))
-    except OSError as e:
-        raise DataError(str(e)) from None
+    scores_of = partial(engine.score_dataset, cosine_similarity(encoder, cfg.pooling), layout="siamese",
+                        rt=rt, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        max_len=manifest["max_len"])
+    thresholds, results = report.report_datasets(scores_of, datasets, validation, {"notebook": cfg.threshold},
+                                                 cfg.out_dir, probabilistic=False)  # cosines are not probabilities
+    report.write_results(cfg.out_dir, {"script": "baseline_cosine.py", "score": "cosine", "config": asdict(cfg),
+                                       "encoder": cfg.encoder, "split": cfg.split,
+                                       "data_dir": os.path.abspath(cfg.data_dir),
+                                       "thresholds": thresholds, "results": results})
 
 
 def cosine_similarity(encoder, pooling):
-    """score_batch for the siamese layout: cosine of each pair's two question vectors."""
+    """score_fn for the siamese layout: cosine of each pair's two question vectors."""
     def score(batch):
-        # The batch's 2B questions come length-sorted in 1-2 padded groups (data.Collator).
-        emb = torch.cat([pool(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, pooling)
+        # The batch's 2B questions come length-sorted in padded groups (data.Collator).
+        emb = torch.cat([encode(encoder, ids, mask, pooling)
                          for ids, mask in zip(batch["q_ids"], batch["q_mask"])]).float()  # (2B, H)
         # The notebook's eps; in fp32, as near-duplicates differ in the third decimal of the cosine.
         return F.cosine_similarity(emb[batch["q1_pos"]], emb[batch["q2_pos"]], dim=-1, eps=1e-6)  # (B,)

@@ -1,44 +1,35 @@
-"""How fast this toolkit is against the notebook's way, stage by stage: a table and a JSON report.
+"""How fast this toolkit is against the notebook's way and a plain HF-Trainer-style loop, stage by
+stage: a table and a JSON report, every ratio measured in one run.
 
     # CPU, every stage (under 10 minutes on 2 cores; the bundled MiniLM, fp32):
     python bench.py
-    # GPU, one short run (under 5 minutes on an H200; a DistilBERT-size encoder built from
-    # transformers.DistilBertConfig(), 66M parameters, random weights; ours in bf16):
-    python bench.py --device cuda --stages train,infer,gpu
+    # GPU, one run of under 5 minutes on an H200: training and scoring of a DistilBERT-size encoder
+    # (random weights, 66M parameters, ours in bf16), then train.py end to end on 404,290 rows:
+    python bench.py --device cuda --stages gpu
 
-Stages (--stages, comma-separated, or 'all'), each ours against the notebook's way:
-  preprocess  a 404,290-row file synthesized from the real questions (synth_qqp.py), run through
+Stages (--stages, comma-separated, or 'all'):
+  preprocess  a 404,290-row file synthesized from the real questions (synth_qqp.py), through
               preprocess.py in a subprocess: wall time, question slots per second, peak RSS. The
               notebook had no such step; it tokenized all 808,580 question slots again every epoch
               with two tokenizer calls per batch: that work, timed (tokenizing only), is its column.
-  data        one training batch of --batch_size pairs: ours = bucketed sampler + memory-mapped
-              dataset + Collator (+ pinned memory and the copy to the device) from data.make_loader;
-              the notebook's = two tokenizer(..., padding=True) calls on the same pairs' texts (+ its
-              copy to the device).
-  padding     real tokens / padded tokens over one epoch of the real rows: ours (bucketed sampler,
-              Collator) against the notebook's (random order, q1 and q2 each padded to their batch max).
-  train       pairs per second over --train_steps steps after --warmup_steps, same encoder weights,
-              same batch size, the same fixed random sample of pairs on both sides. Ours is
-              train.py's step with its default settings (make_loader, autocast, loss_fn, backward,
-              unscale, clip, AdamW step, zero_grad, schedule; its default head, pooling and pair
-              features); the notebook's is its train() loop re-implemented below.
-  infer       pairs per second of evaluate.score_dataset against the notebook's get_predictions.
-  gpu         on CUDA: model FLOPs utilization (6 x non-embedding parameters x real tokens over the
-              measured bf16 matmul rate; attention adds < 1% at these lengths), the share of step time
-              blocked in next(loader), peak GPU memory, and the projected time of one 461,792-pair
-              epoch (the notebook's training set). With 'all' on a machine without CUDA it is skipped
-              (not yet measured); named explicitly it runs on the CPU as a smoke check of its code.
-Every ratio reads "times better than the notebook" (> 1: ours ahead), whatever the unit.
-
-The notebook is re-implemented as written (NotebookModel, notebook_train_epoch,
-notebook_get_predictions): python random shuffling of lists, two tokenizer calls per batch, a
-one-hot label loop, two encoder calls, [CLS] vectors concatenated, 2 x (Linear, PReLU, Dropout),
-Linear, LogSoftmax(dim=0) (sic), a per-example Python loss loop, clip 1.0, Adam, fp32, and no
-torch.no_grad() in get_predictions. Where it differs, it is in the notebook's favour: the fast Rust
-tokenizer (the notebook's DistilBertTokenizer was the pure-Python one in transformers 4.12; the data
-stage also times that kind), TF32 matmuls on GPU (PyTorch 1.10's default then), our encoder module
-with its SDPA attention, zero_grad that frees gradients (today's default), no progress bars, and the
-raw questions instead of its word lists.
+  data        one training batch: ours = sampler + memory-mapped dataset + Collator (+ pinned copy to
+              the device), from data.make_loader; the notebook's = two tokenizer(..., padding=True)
+              calls on the same pairs' texts (+ its copy to the device).
+  padding     real / padded tokens over one epoch of the real rows: ours (exact on CPU, static
+              shapes on CUDA) against the notebook's (random order, q1 and q2 padded separately).
+  train       pairs per second, same encoder weights and batch size, each side over a fixed random
+              sample of pairs after warm-up steps. Ours is train.py's own step (engine.train_step)
+              with train.py's defaults on this device (static shapes and CUDA graphs on a GPU); the
+              notebook's and the peer's loops are in reference.py.
+  infer       pairs per second of engine.score_dataset (evaluate.py's path) against the notebook's
+              get_predictions.
+  gpu         on CUDA: the train and infer stages, plus model FLOPs utilization (6 x non-embedding
+              parameters x real tokens over the measured bf16 matmul rate), the share of step time
+              blocked on the loader, peak memory, compile seconds, distinct batch shapes, the
+              attention kernels that ran, and train.py --epochs 1 end to end on the synthesized
+              404,290-row file (bundled MiniLM; preprocessing timed apart). Without CUDA, named
+              explicitly, it runs on the CPU as a smoke check of its code; within 'all' it is skipped.
+Every ratio reads "times better than the reference" (> 1: ours ahead), whatever the unit.
 """
 import copy
 import json
@@ -49,14 +40,21 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
-from torch import nn, optim
+from torch import optim
+
+import engine
+import reference
+from cli import UserError, arg, parse_config, run
+from data import PairDataset, make_loader, padding_stats, shapes_of, to_device
+from model import BUNDLED_MODEL, ModelConfig, build_model
+from text import load_tokenizer, read_pairs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("preprocess", "data", "padding", "train", "infer", "gpu")
@@ -67,210 +65,85 @@ DISTILBERT_CONFIG = "distilbert-config"
 
 @dataclass
 class BenchConfig:
-    stages: str = "all"               # comma-separated, from: preprocess,data,padding,train,infer,gpu
-    model: str = "auto"               # auto: bundled MiniLM on CPU, distilbert-config on CUDA; or
-                                      # distilbert-config (random 66M DistilBERT), an HF name, a folder
-    device: str = "auto"              # auto: cuda > mps > cpu
-    batch_size: int = 128             # pairs per batch, both sides (the notebook's 128)
-    warmup_steps: int = -1            # train: untimed steps first (-1: 2 on CPU, 30 on CUDA)
-    train_steps: int = -1             # train: timed steps (-1: 10 on CPU, 400 on CUDA)
-    data_batches: int = 200           # data: batches timed per side
-    infer_pairs: int = -1             # infer: pairs scored per side (-1: 1,024 on CPU, 65,536 on CUDA)
-    rows: int = 404_290               # preprocess: rows of the synthesized file (Kaggle's train.csv)
-    notebook_rows: int = 0            # preprocess: rows the notebook's way tokenizes, scaled to --rows (0: all)
-    data: str = os.path.join(ROOT, "..", "shared", "data", "qqp", "qqp_first8k.csv.gz")  # real rows
-    num_workers: int = -1             # ours: DataLoader workers in train/infer (-1: 0 on CPU, 4 on CUDA)
-    compile: bool = False             # ours: torch.compile, as train.py --compile
-    seed: int = 0                     # pair sample, shuffles, weights
-    out: str = "bench.json"           # the JSON report
-
-
-def parse_args(argv=None):
-    from train import dataclass_parser
-    p = dataclass_parser(BenchConfig, __doc__)
-    cfg = BenchConfig(**vars(p.parse_args(argv)))
-    unknown = set(cfg.stages.split(",")) - set(STAGES) - {"all"}
-    if unknown:
-        p.error(f"--stages: unknown {', '.join(sorted(unknown))}; use 'all' or some of {','.join(STAGES)}")
-    return cfg
+    stages: str = arg("all", "comma-separated, from preprocess,data,padding,train,infer,gpu; or all")
+    encoder: str = arg("auto", "auto: bundled MiniLM on CPU, distilbert-config (random 66M DistilBERT) "
+                               "on CUDA; or an HF name or folder")
+    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda")
+    batch_size: int = arg(128, "pairs per batch, every side (the notebook's 128)", aliases=["--bs"])
+    warmup_steps: int = arg(-1, "train: untimed steps first (-1: 2 on CPU, 40 on CUDA)")
+    train_steps: int = arg(-1, "train: timed steps of ours (-1: 10 on CPU, 400 on CUDA)")
+    reference_steps: int = arg(-1, "train: timed steps of the notebook and the peer (-1: as ours on CPU, 100 on CUDA)")
+    data_batches: int = arg(200, "data: batches timed per side")
+    infer_pairs: int = arg(-1, "infer: pairs scored by ours (-1: 1,024 on CPU, 65,536 on CUDA); "
+                               "the notebook scores at most 16,384")
+    rows: int = arg(404_290, "preprocess and gpu: rows of the synthesized file (Kaggle's train.csv)")
+    notebook_rows: int = arg(0, "preprocess: rows the notebook's way tokenizes, scaled to --rows (0: all)")
+    data: str = arg(os.path.join(ROOT, "..", "shared", "data", "qqp", "qqp_first8k.csv.gz"), "the real rows")
+    num_workers: int = arg(-1, "ours: DataLoader workers in train/infer (-1: 0 on CPU, 2 on CUDA, as train.py)")
+    e2e_timeout: int = arg(900, "gpu: seconds train.py may take end to end")
+    seed: int = arg(0, "pair sample, shuffles, weights")
+    out: str = arg("bench.json", "the JSON report")
 
 
 @dataclass
-class Run:
+class Plan:
     """Values derived once from the config (never written back into it)."""
     stages: tuple
     gpu_named: bool                   # 'gpu' named explicitly: runs even without CUDA (smoke check)
-    device: torch.device
-    amp_dtype: object                 # ours' autocast dtype; None = fp32
-    model_name: str                   # what --model resolved to
-    tokenizer_name: str
+    encoder: str                      # what --encoder resolved to
+    tokenizer: str
     warmup_steps: int
     train_steps: int
+    reference_steps: int
     infer_pairs: int
     num_workers: int
 
 
-def resolve(cfg):
-    from model import BUNDLED_MODEL, pick_device, pick_precision
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU here. Fix: use --device auto or cpu")
-    cuda = device.type == "cuda"
-    model_name = cfg.model if cfg.model != "auto" else DISTILBERT_CONFIG if cuda else BUNDLED_MODEL
+def make_plan(cfg, rt):
     named = cfg.stages.split(",")
+    unknown = set(named) - set(STAGES) - {"all"}
+    if unknown:
+        raise UserError(f"--stages: unknown {', '.join(sorted(unknown))}", f"use 'all' or some of {','.join(STAGES)}")
+    encoder = cfg.encoder if cfg.encoder != "auto" else DISTILBERT_CONFIG if rt.cuda else BUNDLED_MODEL
 
     def pick(value, on_cpu, on_cuda):
-        return value if value >= 0 else on_cuda if cuda else on_cpu
+        return value if value >= 0 else on_cuda if rt.cuda else on_cpu
 
-    return Run(stages=STAGES if "all" in named else tuple(s for s in STAGES if s in named),
-               gpu_named="gpu" in named, device=device, amp_dtype=pick_precision(device),
-               model_name=model_name,
-               # A random DistilBERT uses the bundled vocabulary: the same 30,522 uncased WordPieces.
-               tokenizer_name=BUNDLED_MODEL if model_name == DISTILBERT_CONFIG else model_name,
-               warmup_steps=pick(cfg.warmup_steps, 2, 30), train_steps=pick(cfg.train_steps, 10, 400),
-               infer_pairs=pick(cfg.infer_pairs, 1024, 65_536), num_workers=pick(cfg.num_workers, 0, 4))
+    train_steps = pick(cfg.train_steps, 10, 400)
+    return Plan(stages=STAGES if "all" in named else tuple(s for s in STAGES if s in named),
+                gpu_named="gpu" in named, encoder=encoder,
+                # A random DistilBERT uses the bundled vocabulary: the same 30,522 uncased WordPieces.
+                tokenizer=BUNDLED_MODEL if encoder == DISTILBERT_CONFIG else encoder,
+                warmup_steps=pick(cfg.warmup_steps, 2, 40), train_steps=train_steps,
+                reference_steps=pick(cfg.reference_steps, train_steps, 100),
+                infer_pairs=pick(cfg.infer_pairs, 1024, 65_536), num_workers=pick(cfg.num_workers, 0, 2))
 
 
-def sync(device):
+def sync(rt):
     """Timings end only when the GPU has finished the work queued so far."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if rt.cuda:
+        torch.cuda.synchronize(rt.device)
 
-
-# ----------------------------------------------------------------------------- the notebook's way
-
-def shuffle_data(input_1, input_2, labels):
-    shuffled_input_1 = []
-    shuffled_input_2 = []
-    shuffled_labels = []
-    indices = list(range(len(input_1)))
-    random.shuffle(indices)
-    for i in indices:
-        shuffled_input_1.append(input_1[i])
-        shuffled_input_2.append(input_2[i])
-        shuffled_labels.append(labels[i])
-    return (shuffled_input_1, shuffled_input_2, shuffled_labels)
-
-
-class NotebookModel(nn.Module):
-    """The notebook's SimilarityModelFineTuneBert, line for line, around a given encoder (so both
-    sides start from the same weights); .cuda() calls became .to(device)."""
-
-    def __init__(self, encoder, device, dropout_rate=0.25):
-        super().__init__()
-        self.bert = encoder
-        self.device = device
-        h = encoder.config.hidden_size  # the notebook hard-coded DistilBERT's 768
-        self.dropout = nn.Dropout(p=dropout_rate)
-        self.feedforward_1 = nn.Linear(h * 2, 300)
-        self.non_lin_1 = nn.PReLU()
-        self.feedforward_2 = nn.Linear(300, 300)
-        self.non_lin_2 = nn.PReLU()
-        self.feedforward_3 = nn.Linear(300, 2)
-        self.log_softmax = nn.LogSoftmax(dim=0)  # sic: over the batch, as in the notebook
-
-    def forward(self, encoded_input_1, encoded_input_2, train=False):
-        if train:
-            self.train()
-        else:
-            self.eval()
-        d = self.device
-        pooler_output_1 = self.bert(encoded_input_1["input_ids"].to(d),
-                                    encoded_input_1["attention_mask"].to(d)).last_hidden_state[:, 0, :]
-        pooler_output_2 = self.bert(encoded_input_2["input_ids"].to(d),
-                                    encoded_input_2["attention_mask"].to(d)).last_hidden_state[:, 0, :]
-        concatenated_output = torch.cat([pooler_output_1, pooler_output_2], axis=1).to(d)
-        f1 = self.dropout(self.non_lin_1(self.feedforward_1(concatenated_output)))
-        f2 = self.dropout(self.non_lin_2(self.feedforward_2(f1)))
-        return self.log_softmax(self.feedforward_3(f2))
-
-
-def notebook_train_epoch(model, tokenizer, optimizer, X_1, X_2, Y, batch_size, device, num_classes=2):
-    """One epoch of the notebook's train(); Adam is passed in so warm-up and timing share it.
-    Returns (mean loss tensor, stats): stats has the seconds spent tokenizing and the tokens."""
-    stats = {"data_wait_s": 0.0, "real_tokens": 0, "padded_tokens": 0, "pairs": 0}
-    total_loss = 0.0
-    (shuffled_input_1, shuffled_input_2, shuffled_labels) = shuffle_data(X_1, X_2, Y)
-    for batch in range(0, len(X_1), batch_size):
-        t0 = time.perf_counter()
-        input_1 = shuffled_input_1[batch:(batch + batch_size)]
-        input_2 = shuffled_input_2[batch:(batch + batch_size)]
-        encoded_input_1 = tokenizer(input_1, return_tensors="pt", is_split_into_words=False, padding=True)
-        encoded_input_2 = tokenizer(input_2, return_tensors="pt", is_split_into_words=False, padding=True)
-        stats["data_wait_s"] += time.perf_counter() - t0
-        for enc in (encoded_input_1, encoded_input_2):
-            stats["real_tokens"] += int(enc["attention_mask"].sum())
-            stats["padded_tokens"] += enc["attention_mask"].numel()
-        labels = shuffled_labels[batch:(batch + batch_size)]
-        labels_onehot = torch.zeros(len(labels), num_classes).to(device)
-        for i in range(len(labels)):
-            labels_onehot[i][labels[i]] = 1.0
-        model.zero_grad()
-        log_probs = model.forward(encoded_input_1, encoded_input_2, train=True)
-        loss_batch = 0
-        for idx in range(labels_onehot.shape[0]):
-            loss_iteration = torch.neg(log_probs[idx]).dot(labels_onehot[idx])
-            loss_batch += loss_iteration
-        loss_batch /= labels_onehot.shape[0]
-        loss_batch.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        total_loss += loss_batch.detach()
-        stats["pairs"] += len(labels)
-    num_batches = math.ceil(len(X_1) / batch_size)
-    return total_loss / num_batches, stats
-
-
-def notebook_get_predictions(model, tokenizer, X_1, X_2, batch_size=8):
-    """The notebook's get_predictions (its tokenizer was a global; here an argument)."""
-    all_predictions = np.array([])
-    for batch in range(0, len(X_1), batch_size):
-        encoded_input_1 = tokenizer(X_1[batch:batch + batch_size], return_tensors="pt",
-                                    is_split_into_words=False, padding=True)
-        encoded_input_2 = tokenizer(X_2[batch:batch + batch_size], return_tensors="pt",
-                                    is_split_into_words=False, padding=True)
-        log_probs = model.forward(encoded_input_1, encoded_input_2, train=False)
-        prediction_batch = torch.argmax(log_probs, dim=1)
-        all_predictions = np.concatenate((all_predictions, prediction_batch.cpu().numpy()))
-    return all_predictions
-
-
-def python_tokenizer(fast, folder):
-    """The kind of tokenizer the notebook ran: transformers 4.12's DistilBertTokenizer was BERT's
-    pure-Python WordPiece. Built from the fast one's vocabulary; None if that is not WordPiece."""
-    import transformers
-    from tokenizers.models import WordPiece
-    vocab = fast.get_vocab()
-    if not isinstance(fast.backend_tokenizer.model, WordPiece) or sorted(vocab.values()) != list(range(len(vocab))):
-        return None
-    path = os.path.join(folder, "vocab.txt")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(sorted(vocab, key=vocab.get)) + "\n")
-    cls = getattr(transformers, "BertTokenizerLegacy", None) or transformers.BertTokenizer  # v5 renamed it
-    tok = cls(vocab_file=path, do_lower_case=getattr(fast, "do_lower_case", True))
-    return None if tok.is_fast else tok
-
-
-# ----------------------------------------------------------------------------- shared set-up
 
 class Workspace:
     """What several stages need, built on first use: the real rows preprocessed (all in one split;
-    splits do not matter for speed), their texts, the tokenizer, the two models."""
+    splits do not matter for speed), their texts, the tokenizer, the three models."""
 
-    def __init__(self, cfg, run, tmp):
-        self.cfg, self.run, self.tmp = cfg, run, tmp
+    def __init__(self, cfg, plan, rt, tmp):
+        self.cfg, self.plan, self.rt, self.tmp = cfg, plan, rt, tmp
+        self.recipe = engine.Recipe()  # ours runs train.py's defaults: this recipe, ModelConfig(),
+        self.static, self.chunks = engine.batch_layout(rt)  # and this device's batch layout
+        self.layout = ModelConfig.arch
 
     @cached_property
     def tokenizer(self):
-        from preprocess import load_tokenizer
-        return load_tokenizer(self.run.tokenizer_name)
+        return load_tokenizer(self.plan.tokenizer)
 
     @cached_property
     def dataset(self):
-        from data import PairDataset
         from preprocess import PreprocessConfig, preprocess
         out = os.path.join(self.tmp, "real")
-        preprocess(PreprocessConfig(input=self.cfg.data, out_dir=out, model=self.run.tokenizer_name,
+        preprocess(PreprocessConfig(input=self.cfg.data, out_dir=out, encoder=self.plan.tokenizer,
                                     split="random", val_frac=0.0, test_frac=0.0))
         return PairDataset(out, "train")
 
@@ -278,7 +151,6 @@ class Workspace:
     def texts(self):
         """(q1 texts, q2 texts, labels) aligned with dataset rows: with the random split and no
         validation/test share, train.npy keeps the file's usable rows in order. Checked."""
-        from preprocess import read_pairs
         pairs, _, _ = read_pairs(self.cfg.data)
         ds = self.dataset
         ok = len(pairs["q1"]) == len(ds) and np.array_equal(np.array(pairs["label"]), ds.labels)
@@ -293,32 +165,20 @@ class Workspace:
         return pairs["q1"], pairs["q2"], pairs["label"]
 
     @cached_property
-    def train_defaults(self):
-        from train import TrainConfig
-        return TrainConfig()
-
-    @property
-    def layout(self):
-        return self.train_defaults.arch  # the Collator's layout is the architecture's
-
-    @cached_property
     def models(self):
-        """(ours, the notebook's), the same encoder weights in both. Ours is built as train.py
+        """{ours, notebook, peer}, the same encoder weights in all. Ours is built as train.py
         builds it with its default settings (head, pooling, features)."""
-        from model import ModelConfig, build_model
-        model_fields = {f.name for f in fields(ModelConfig)} - {"encoder", "encoder_config"}
-        head = {k: v for k, v in asdict(self.train_defaults).items() if k in model_fields}
         torch.manual_seed(self.cfg.seed)
-        if self.run.model_name == DISTILBERT_CONFIG:
+        if self.plan.encoder == DISTILBERT_CONFIG:
             from transformers import DistilBertConfig
             hf = {k: v for k, v in DistilBertConfig().to_dict().items()
                   if not k.startswith("_") and k != "transformers_version"}
-            mc = ModelConfig(encoder_config=hf, **head)
+            ours = build_model(ModelConfig(encoder_config=hf))
         else:
-            mc = ModelConfig(encoder=self.run.model_name, **head)
-        ours = build_model(mc)
-        notebook = NotebookModel(copy.deepcopy(ours.encoder), self.run.device)
-        return ours.to(self.run.device), notebook.to(self.run.device)
+            ours = build_model(ModelConfig(encoder=self.plan.encoder))
+        notebook = reference.NotebookModel(copy.deepcopy(ours.encoder), self.rt.device)
+        peer = reference.PeerModel(copy.deepcopy(ours.encoder), copy.deepcopy(ours.head))
+        return {k: m.to(self.rt.device) for k, m in (("ours", ours), ("notebook", notebook), ("peer", peer))}
 
     def sample(self, n, salt):
         """A fixed random sample of n pair rows (with replacement only when n exceeds the rows)."""
@@ -335,347 +195,385 @@ class Workspace:
         q1, q2, labels = self.texts
         return [q1[i] for i in rows], [q2[i] for i in rows], [labels[i] for i in rows]
 
+    def loader(self, rows, batch_size, shuffle, seed=0):
+        """Ours, as train.py makes it on this device."""
+        return make_loader(self.subset(rows), self.layout, batch_size, shuffle=shuffle, seed=seed,
+                           num_workers=self.plan.num_workers, pin_memory=self.rt.cuda,
+                           chunks=self.chunks, static_shapes=self.static)
 
-# ----------------------------------------------------------------------------- stages
 
-def stage_preprocess(ws, cfg, run):
-    import synth_qqp
-    from preprocess import read_pairs
-    synth = os.path.join(ws.tmp, "synth.csv")
-    synth_qqp.main([cfg.data, synth, "--rows", str(cfg.rows), "--seed", str(cfg.seed)])
-    out = os.path.join(ws.tmp, "synth_prep")
-    log_path = os.path.join(ws.tmp, "preprocess.log")
+def synthesize(ws):
+    """The 404k-row file and its preprocessed folder, made once (subprocesses: wall time and this
+    child's own peak RSS). Returns (csv path, data dir, preprocess stats)."""
+    if getattr(ws, "synth", None):
+        return ws.synth
+    synth, out = os.path.join(ws.tmp, "synth.csv"), os.path.join(ws.tmp, "synth_prep")
+    run_child([sys.executable, "synth_qqp.py", ws.cfg.data, synth, "--rows", str(ws.cfg.rows),
+               "--seed", str(ws.cfg.seed)], ws.tmp, "synth_qqp")
+    seconds, peak_gb = run_child([sys.executable, "preprocess.py", synth, "--out_dir", out, "--encoder",
+                                  ws.plan.tokenizer], ws.tmp, "preprocess")
+    with open(os.path.join(out, "manifest.json")) as f:
+        counts = json.load(f)["counts"]
+    ws.synth = synth, out, {"seconds": seconds, "peak_rss_gb": peak_gb, **counts}
+    return ws.synth
+
+
+def run_child(argv, tmp, name, timeout=None):
+    """Run a script of this repo in a subprocess: (wall seconds, its own peak RSS in GB); its
+    output goes to <tmp>/<name>.log, whose end is shown if it fails."""
+    log_path = os.path.join(tmp, f"{name}.log")
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "preprocess.py"), synth,
-                                 "--out_dir", out, "--model", run.tokenizer_name],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not earlier children's
         seconds = time.perf_counter() - t0
+        if timer:
+            timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         with open(log_path) as f:
-            raise RuntimeError(f"preprocess.py failed (exit {proc.returncode}):\n{f.read()[-2000:]}")
-    with open(os.path.join(out, "manifest.json")) as f:
-        counts = json.load(f)["counts"]
-    peak_gb = usage.ru_maxrss * 1024 / 1e9  # Linux reports kilobytes
-    slots = 2 * counts["pairs_kept"]
+            raise RuntimeError(f"{name} failed (exit {proc.returncode}, {seconds:.0f} s):\n{f.read()[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024 / 1e9  # Linux reports kilobytes
 
+
+# ----------------------------------------------------------------------------- stages
+
+def stage_preprocess(ws, cfg, plan, rt):
+    _, _, ours = synthesize(ws)
+    slots = 2 * ours["pairs_kept"]
     # The notebook's way: every question slot tokenized in batches, two calls per batch, each epoch.
-    pairs, _, _ = read_pairs(synth)
+    pairs, _, _ = read_pairs(ws.synth[0])
     n = min(cfg.notebook_rows or len(pairs["q1"]), len(pairs["q1"]))
-    tok, bs = ws.tokenizer, cfg.batch_size
+    bs = cfg.batch_size
     t0 = time.perf_counter()
     for b in range(0, n, bs):
-        tok(pairs["q1"][b:b + bs], return_tensors="pt", is_split_into_words=False, padding=True)
-        tok(pairs["q2"][b:b + bs], return_tensors="pt", is_split_into_words=False, padding=True)
+        for q in (pairs["q1"][b:b + bs], pairs["q2"][b:b + bs]):
+            ws.tokenizer(q, return_tensors="pt", is_split_into_words=False, padding=True)
     nb_seconds = (time.perf_counter() - t0) * len(pairs["q1"]) / n
-    rows = [
-        row("preprocess", f"{cfg.rows:,} rows: wall s", seconds, nb_seconds, nb_seconds / seconds,
-            "< 60 s", seconds < 60),
-        row("preprocess", "question slots / s", slots / seconds, slots / nb_seconds,
-            nb_seconds / seconds, "-", None),
-        row("preprocess", "peak memory GB", peak_gb, None, None, "< 2 GB", peak_gb < 2),
-    ]
-    return {"ours": {"seconds": seconds, "peak_rss_gb": peak_gb, "question_slots_per_sec": slots / seconds,
-                     "rows_read": counts["rows_read"], "pairs_kept": counts["pairs_kept"],
-                     "distinct_questions": counts["questions"]},
+    s = ours["seconds"]
+    return {"ours": {**ours, "question_slots_per_sec": slots / s},
             "notebook": {"seconds": nb_seconds, "question_slots_per_sec": slots / nb_seconds,
                          "rows_tokenized": n, "scaled_to_rows": len(pairs["q1"]),
                          "what": "two tokenizer(padding=True) calls per batch over every slot "
                                  "(one epoch's worth; it repeated each epoch); tokenizing only"},
-            "ratio": nb_seconds / seconds, "rows": rows}
+            "ratio": nb_seconds / s,
+            "rows": [row("preprocess", f"{cfg.rows:,} rows: wall s", s, nb_seconds, nb_seconds / s, "< 60 s", s < 60),
+                     row("preprocess", "question slots / s", slots / s, slots / nb_seconds, nb_seconds / s),
+                     row("preprocess", "peak memory GB", ours["peak_rss_gb"], None, None, "< 2 GB",
+                         ours["peak_rss_gb"] < 2)]}
 
 
-def stage_data(ws, cfg, run):
+def stage_data(ws, cfg, plan, rt):
     """Interleaved batch by batch (ours makes batch k, then the notebook tokenizes the same pairs),
     so that drift in a shared machine's speed hits both sides alike."""
-    from data import make_loader, to_device
-    device = run.device
-    loader, sampler = make_loader(ws.dataset, ws.layout, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                  pin_memory=device.type == "cuda", max_chunks=ws.train_defaults.max_chunks)
+    loader, sampler = ws.loader(np.arange(len(ws.dataset)), cfg.batch_size, shuffle=True, seed=cfg.seed)
 
     def ours_batches():  # epoch after epoch, as training draws them
-        epoch = 0
-        while True:
-            epoch += 1
+        for epoch in range(1, 10 ** 6):
             sampler.set_epoch(epoch)
             yield from loader
 
     def notebook_batch(tok, q1, q2):
-        e1 = tok(q1, return_tensors="pt", is_split_into_words=False, padding=True)
-        e2 = tok(q2, return_tensors="pt", is_split_into_words=False, padding=True)
-        for enc in (e1, e2):  # the notebook's .cuda() inside forward
-            enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        for q in (q1, q2):  # the notebook's .cuda() inside forward
+            enc = tok(q, return_tensors="pt", is_split_into_words=False, padding=True)
+            enc["input_ids"].to(rt.device), enc["attention_mask"].to(rt.device)
 
     tokenizers = {"notebook": ws.tokenizer}
-    slow = python_tokenizer(ws.tokenizer, ws.tmp)
+    slow = reference.python_tokenizer(ws.tokenizer, ws.tmp)
     q1, q2, _ = ws.pair_texts(range(cfg.batch_size))
     if slow is not None and slow(q1)["input_ids"] == ws.tokenizer(q1)["input_ids"]:
         tokenizers["notebook_python_tokenizer"] = slow  # only if it splits words the same way
     for tok in tokenizers.values():
         notebook_batch(tok, q1, q2)  # warm-up
     batches = ours_batches()
-    to_device(next(batches), device)  # warm-up
+    to_device(next(batches), rt.device)  # warm-up
     seconds = {"ours": [], **{name: [] for name in tokenizers}}
     for _ in range(cfg.data_batches):
-        sync(device)
+        sync(rt)
         t0 = time.perf_counter()
-        batch = next(batches)  # sampler + memmap dataset + Collator (+ pinning)
-        to_device(batch, device)
-        sync(device)
+        batch = next(batches)
+        to_device(batch, rt.device)
+        sync(rt)
         seconds["ours"].append(time.perf_counter() - t0)
-        q1, q2, _ = ws.pair_texts(batch["index"].tolist())
+        q1, q2, _ = ws.pair_texts(batch["index"][batch["index"] >= 0].tolist())
         for name, tok in tokenizers.items():
             t0 = time.perf_counter()
             notebook_batch(tok, q1, q2)
-            sync(device)
+            sync(rt)
             seconds[name].append(time.perf_counter() - t0)
     ms = {name: 1e3 * float(np.mean(s)) for name, s in seconds.items()}
-    median_ms = {name: 1e3 * float(np.median(s)) for name, s in seconds.items()}
     ratio = ms["notebook"] / ms["ours"]
-    rows = [row("data", f"ms per batch of {cfg.batch_size}", ms["ours"], ms["notebook"], ratio,
-                ">= 10x", ratio >= 10)]
+    rows = [row("data", f"ms per batch of {cfg.batch_size}", ms["ours"], ms["notebook"], ratio, ">= 10x", ratio >= 10)]
     slow_ms = ms.get("notebook_python_tokenizer")
     if slow_ms is not None:
-        rows.append(row("data", "  vs its Python tokenizer", ms["ours"], slow_ms, slow_ms / ms["ours"],
-                        "-", None))
-    return {"ours": {"ms_per_batch": ms["ours"], "median_ms": median_ms["ours"], "batches": cfg.data_batches},
-            "notebook": {"ms_per_batch": ms["notebook"], "median_ms": median_ms["notebook"],
-                         "tokenizer": f"{type(ws.tokenizer).__name__} (fast, Rust)",
+        rows.append(row("data", "  vs its Python tokenizer", ms["ours"], slow_ms, slow_ms / ms["ours"]))
+    return {"ours": {"ms_per_batch": ms["ours"], "median_ms": 1e3 * float(np.median(seconds["ours"])),
+                     "batches": cfg.data_batches},
+            "notebook": {"ms_per_batch": ms["notebook"], "tokenizer": f"{type(ws.tokenizer).__name__} (fast, Rust)",
                          "python_tokenizer": type(slow).__name__ if slow_ms else None,
-                         "python_tokenizer_ms_per_batch": slow_ms,
-                         "python_tokenizer_median_ms": median_ms.get("notebook_python_tokenizer")},
-            "ratio": ratio, "ratio_vs_python_tokenizer": slow_ms / ms["ours"] if slow_ms else None,
-            "rows": rows}
+                         "python_tokenizer_ms_per_batch": slow_ms},
+            "ratio": ratio, "ratio_vs_python_tokenizer": slow_ms / ms["ours"] if slow_ms else None, "rows": rows}
 
 
-def stage_padding(ws, cfg, run):
-    from data import make_loader, padding_stats
-    loader, _ = make_loader(ws.dataset, ws.layout, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                            max_chunks=ws.train_defaults.max_chunks)
-    ours = np.array([padding_stats(batch) for batch in loader]).sum(0)  # (real, padded)
+def stage_padding(ws, cfg, plan, rt):
+    loader, _ = ws.loader(np.arange(len(ws.dataset)), cfg.batch_size, shuffle=True, seed=cfg.seed)
+    stats = [(*padding_stats(batch), shapes_of(batch)) for batch in loader]
+    ours = np.array([s[:2] for s in stats]).sum(0)  # (real, padded)
+    shapes = {shape for s in stats for shape in s[2]}
     q1, q2, labels = ws.texts
     random.seed(cfg.seed)
-    s1, s2, _ = shuffle_data(q1, q2, labels)
+    s1, s2, _ = reference.shuffle_data(q1, q2, labels)
     notebook = np.zeros(2, np.int64)
     for b in range(0, len(s1), cfg.batch_size):
         for texts in (s1[b:b + cfg.batch_size], s2[b:b + cfg.batch_size]):
             mask = ws.tokenizer(texts, return_tensors="pt", padding=True)["attention_mask"]
             notebook += (int(mask.sum()), mask.numel())
     eff_ours, eff_nb = ours[0] / ours[1], notebook[0] / notebook[1]
-    rows = [row("padding", "real / padded tokens", eff_ours, eff_nb, eff_ours / eff_nb, ">= 0.90",
-                eff_ours >= 0.90)]
-    return {"ours": {"efficiency": eff_ours, "real_tokens": int(ours[0]), "padded_tokens": int(ours[1])},
-            "notebook": {"efficiency": eff_nb, "real_tokens": int(notebook[0]),
-                         "padded_tokens": int(notebook[1])},
-            "ratio": eff_ours / eff_nb, "pairs": len(ws.dataset), "rows": rows}
+    target, goal = (">= 0.80 (static)", 0.80) if ws.static else (">= 0.90", 0.90)
+    return {"ours": {"efficiency": eff_ours, "real_tokens": int(ours[0]), "padded_tokens": int(ours[1]),
+                     "shapes": "static" if ws.static else "exact", "distinct_shapes": len(shapes)},
+            "notebook": {"efficiency": eff_nb, "real_tokens": int(notebook[0]), "padded_tokens": int(notebook[1])},
+            "ratio": eff_ours / eff_nb, "pairs": len(ws.dataset),
+            "rows": [row("padding", f"real / padded tokens ({'static' if ws.static else 'exact'})", eff_ours,
+                         eff_nb, eff_ours / eff_nb, target, eff_ours >= goal)]}
 
 
-def ours_train(ws, cfg, run, warm_rows, timed_rows):
-    """train.py's step with its default settings, timed over one pass of timed_rows after one of
-    warm_rows."""
-    from data import make_loader, padding_stats, to_device
-    from model import loss_fn
-    from train import lr_lambda, optimizer_step
-    tc = ws.train_defaults
-    device, amp_dtype = run.device, run.amp_dtype
-    raw_model = ws.models[0]
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
-                                  fused=device.type == "cuda")
-    total = run.warmup_steps + run.train_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(tc.warmup_ratio * total)))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+def ours_train(ws, cfg, plan, rt, warm_rows, timed_rows):
+    """train.py's step (engine.train_step) with its defaults on this device, timed over one pass
+    of timed_rows after one of warm_rows (compilation and CUDA graph capture happen there)."""
+    tc, raw = ws.recipe, ws.models["ours"]
+    compile_mode = engine.resolve_compile("auto", rt)
+    model = engine.prepare_model(raw, rt, compile_mode)
+    optimizer = engine.build_optimizer(raw, tc.lr, tc.weight_decay, rt)
+    scheduler = engine.build_scheduler(optimizer, plan.warmup_steps + plan.train_steps, tc.warmup_ratio)
+    scaler = engine.build_scaler(rt)
     model.train()
 
     def one_pass(rows, seed):
-        loader, _ = make_loader(ws.subset(rows), ws.layout, cfg.batch_size, shuffle=True, seed=seed,
-                                num_workers=run.num_workers, pin_memory=device.type == "cuda",
-                                max_chunks=1 if cfg.compile else tc.max_chunks,
-                                pad_multiple=16 if cfg.compile else 1)
-        stats = {"data_wait_s": 0.0, "real_tokens": 0, "padded_tokens": 0, "pairs": 0}
-        loss_sum = torch.zeros((), device=device)
-        batches = iter(loader)  # worker start-up (once per epoch in train.py) is not timed
-        sync(device)
+        loader, sampler = ws.loader(rows, cfg.batch_size, shuffle=True, seed=seed)
+        sizes = sampler.global_sizes(0)
+        stats = {"data_wait_s": 0.0, "real_tokens": 0, "padded_tokens": 0, "pairs": 0, "shapes": set()}
+        loss_sum = torch.zeros((), device=rt.device)
+        batches = iter(loader)  # worker start-up (once per run in train.py) is not timed
+        sync(rt)
         t0 = time.perf_counter()
-        while True:
+        for k in range(len(sizes)):
             tw = time.perf_counter()
-            batch = next(batches, None)
+            batch = next(batches)
             stats["data_wait_s"] += time.perf_counter() - tw
-            if batch is None:
-                break
             real, padded = padding_stats(batch)
-            batch = to_device(batch, device)
-            with autocast():
-                logits = model(batch)  # (B, 2)
-                loss = loss_fn(logits, batch["labels"])
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            optimizer_step(raw_model, optimizer, scheduler, scaler, tc.clip)  # train.py's own
+            stats["shapes"].update(shapes_of(batch))
+            batch = to_device(batch, rt.device)
+            loss_sum += engine.train_step(model, [batch], sizes[k], optimizer, scheduler, scaler, rt, tc.clip)
             stats["real_tokens"] += real
             stats["padded_tokens"] += padded
-            stats["pairs"] += len(batch["labels"])
-        sync(device)
+            stats["pairs"] += sizes[k]
+        sync(rt)
         stats["seconds"] = time.perf_counter() - t0
-        stats["mean_loss"] = loss_sum.item() / max(1, -(-len(rows) // cfg.batch_size))
+        stats["mean_loss"] = loss_sum.item() / stats["pairs"]
         return stats
 
-    one_pass(warm_rows, cfg.seed + 1)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    warm = one_pass(warm_rows, cfg.seed + 1)
+    if rt.cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)
     stats = one_pass(timed_rows, cfg.seed)
-    if device.type == "cuda":
-        stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if rt.cuda:
+        stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1e9
+    # Compilation and graph capture: the warm-up pass's time beyond its steps at the timed speed.
+    stats["warmup_seconds"] = warm["seconds"]
+    stats["compile_seconds"] = max(0.0, warm["seconds"] - warm["pairs"] / stats["pairs"] * stats["seconds"])
+    stats["distinct_shapes"] = len(stats.pop("shapes") | warm.pop("shapes"))
+    stats["compile"] = compile_mode
     return stats
 
 
-def notebook_train(ws, cfg, run, warm_rows, timed_rows):
-    model, device = ws.models[1], run.device
+def notebook_train(ws, cfg, plan, rt, warm_rows, timed_rows):
+    model = ws.models["notebook"]
     optimizer = optim.Adam(model.parameters(), lr=0.0001)
     random.seed(cfg.seed)
-    notebook_train_epoch(model, ws.tokenizer, optimizer, *ws.pair_texts(warm_rows), cfg.batch_size, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
+    reference.notebook_train_epoch(model, ws.tokenizer, optimizer, *ws.pair_texts(warm_rows), cfg.batch_size, rt.device)
+    if rt.cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    sync(rt)
     t0 = time.perf_counter()
-    loss, stats = notebook_train_epoch(model, ws.tokenizer, optimizer, *ws.pair_texts(timed_rows),
-                                       cfg.batch_size, device)
-    sync(device)
-    stats["seconds"] = time.perf_counter() - t0
-    stats["mean_loss"] = float(loss)
-    if device.type == "cuda":
-        stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    loss, stats = reference.notebook_train_epoch(model, ws.tokenizer, optimizer, *ws.pair_texts(timed_rows),
+                                                 cfg.batch_size, rt.device)
+    sync(rt)
+    stats.update(seconds=time.perf_counter() - t0, mean_loss=float(loss))
+    if rt.cuda:
+        stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1e9
     return stats
 
 
-def measure_train(ws, cfg, run):
-    """Both sides over the same pairs: warm-up rows, then timed rows (a fixed random sample)."""
+def peer_train(ws, cfg, plan, rt, warm_rows, timed_rows):
+    model = ws.models["peer"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ws.recipe.lr, fused=rt.cuda)
+    scheduler = engine.build_scheduler(optimizer, 10 ** 6, 0.0)
+    amp = torch.bfloat16 if rt.cuda else None  # the peer's bf16 is a GPU habit; fp32 on the CPU
+    reference.peer_train(model, ws.dataset, warm_rows, cfg.batch_size, rt.device, amp, cfg.seed + 1, optimizer, scheduler)
+    if rt.cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    sync(rt)
+    t0 = time.perf_counter()
+    stats = reference.peer_train(model, ws.dataset, timed_rows, cfg.batch_size, rt.device, amp, cfg.seed,
+                                 optimizer, scheduler)
+    sync(rt)
+    stats["seconds"] = time.perf_counter() - t0
+    if rt.cuda:
+        stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1e9
+    return stats
+
+
+def stage_train(ws, cfg, plan, rt):
     bs = cfg.batch_size
-    rows = ws.sample((run.warmup_steps + run.train_steps) * bs, salt=1)
-    warm_rows, timed_rows = rows[:run.warmup_steps * bs], rows[run.warmup_steps * bs:]
-    ours = ours_train(ws, cfg, run, warm_rows, timed_rows)
-    notebook = notebook_train(ws, cfg, run, warm_rows, timed_rows)
-    for s in (ours, notebook):
-        s["pairs_per_sec"] = s["pairs"] / s["seconds"]
-        s["data_wait_share"] = s["data_wait_s"] / s["seconds"]
-        s["padding_efficiency"] = s["real_tokens"] / s["padded_tokens"]
+    rows = ws.sample((plan.warmup_steps + plan.train_steps) * bs, salt=1)
+    warm, timed = rows[:plan.warmup_steps * bs], rows[plan.warmup_steps * bs:]
+    ref_warm = warm[:max(1, plan.warmup_steps // 10) * bs]  # the references need no compile warm-up
+    result = {"ours": ours_train(ws, cfg, plan, rt, warm, timed),
+              "notebook": notebook_train(ws, cfg, plan, rt, ref_warm, timed[:plan.reference_steps * bs]),
+              "peer": peer_train(ws, cfg, plan, rt, ref_warm, timed[:plan.reference_steps * bs])}
+    for s in result.values():
+        s.update(pairs_per_sec=s["pairs"] / s["seconds"], data_wait_share=s["data_wait_s"] / s["seconds"],
+                 padding_efficiency=s["real_tokens"] / s["padded_tokens"])
         if not math.isfinite(s["mean_loss"]):
             raise RuntimeError(f"non-finite training loss in the benchmark: {s['mean_loss']}")
-    return ours, notebook
+    ours, nb, peer = (result[k]["pairs_per_sec"] for k in ("ours", "notebook", "peer"))
+    target, ok = (">= 20,000 pairs/s", ours >= 20_000) if rt.cuda else (">= 1.5x", ours / nb >= 1.5)
+    steps = f"{plan.train_steps} steps" + (f"; refs {plan.reference_steps}" if plan.reference_steps != plan.train_steps else "")
+    return {**result, "ratio": ours / nb, "ratio_vs_peer": ours / peer, "steps": plan.train_steps,
+            "reference_steps": plan.reference_steps, "warmup_steps": plan.warmup_steps,
+            "ours_model": {k: v for k, v in asdict(ws.models["ours"].cfg).items() if k != "encoder_config"},
+            "rows": [row("train", f"pairs / s ({steps})", ours, nb, ours / nb, target, ok),
+                     row("train", "  vs the HF-Trainer-style peer", ours, peer, ours / peer,
+                         ">= 8x" if rt.cuda else "-", ours / peer >= 8 if rt.cuda else None)]}
 
 
-def stage_train(ws, cfg, run):
-    ours, notebook = measure_train(ws, cfg, run)
-    ratio = ours["pairs_per_sec"] / notebook["pairs_per_sec"]
-    if run.device.type == "cuda":
-        target, ok = ">= 20,000 pairs/s", ours["pairs_per_sec"] >= 20_000
-    else:
-        target, ok = ">= 1.5x", ratio >= 1.5
-    rows = [row("train", f"pairs / s ({run.train_steps} steps)", ours["pairs_per_sec"],
-                notebook["pairs_per_sec"], ratio, target, ok)]
-    ours_model = {k: v for k, v in asdict(ws.models[0].cfg).items() if k != "encoder_config"}
-    return {"ours": ours, "notebook": notebook, "ratio": ratio, "steps": run.train_steps,
-            "warmup_steps": run.warmup_steps, "ours_model": ours_model, "rows": rows}
-
-
-def stage_infer(ws, cfg, run):
-    from evaluate import model_probability, score_dataset
-    ours_model, nb_model = ws.models
+def stage_infer(ws, cfg, plan, rt):
+    ours_model, nb_model = ws.models["ours"], ws.models["notebook"]
     ours_model.eval()
-    rows = ws.sample(run.infer_pairs, salt=2)
-    warm = rows[:2 * cfg.batch_size]
+    rows = ws.sample(plan.infer_pairs, salt=2)
+    nb_rows = rows[:16_384]
 
     def ours(r):
-        return score_dataset(model_probability(ours_model), ws.subset(r), ws.layout, cfg.batch_size,
-                             run.device, run.amp_dtype, num_workers=run.num_workers, verbose=False)
+        return engine.score_dataset(engine.probability(ours_model), ws.subset(r), ws.layout, rt,
+                                    2 * cfg.batch_size, plan.num_workers, chunks=ws.chunks, verbose=False)
 
     def notebook(r):
         q1, q2, _ = ws.pair_texts(r)
-        return notebook_get_predictions(nb_model, ws.tokenizer, q1, q2, batch_size=cfg.batch_size)
+        return reference.notebook_get_predictions(nb_model, ws.tokenizer, q1, q2, batch_size=cfg.batch_size)
 
     result = {}
-    for name, fn in (("ours", ours), ("notebook", notebook)):
-        fn(warm)
-        sync(run.device)
+    for name, fn, r in (("ours", ours, rows), ("notebook", notebook, nb_rows)):
+        fn(r[:2 * cfg.batch_size])  # warm-up
+        sync(rt)
         t0 = time.perf_counter()
-        fn(rows)
-        sync(run.device)
+        fn(r)
+        sync(rt)
         seconds = time.perf_counter() - t0
-        result[name] = {"seconds": seconds, "pairs": len(rows), "pairs_per_sec": len(rows) / seconds}
+        result[name] = {"seconds": seconds, "pairs": len(r), "pairs_per_sec": len(r) / seconds}
     ratio = result["ours"]["pairs_per_sec"] / result["notebook"]["pairs_per_sec"]
-    return {**result, "ratio": ratio, "batch_size": cfg.batch_size,
+    target, ok = (">= 50,000 pairs/s", result["ours"]["pairs_per_sec"] >= 50_000) if rt.cuda else ("-", None)
+    return {**result, "ratio": ratio, "batch_size": 2 * cfg.batch_size,
             "rows": [row("infer", f"pairs / s ({len(rows):,} pairs)", result["ours"]["pairs_per_sec"],
-                         result["notebook"]["pairs_per_sec"], ratio, "-", None)]}
+                         result["notebook"]["pairs_per_sec"], ratio, target, ok)]}
 
 
-def matmul_tflops(device, dtype, n, reps):
+def matmul_tflops(rt, dtype, n, reps):
     """Measured dense matmul rate, the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.randn(n, n, device=rt.device, dtype=dtype)
+    b = torch.randn(n, n, device=rt.device, dtype=dtype)
     for _ in range(3):
         a @ b
-    sync(device)
+    sync(rt)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
+    sync(rt)
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def stage_gpu(ws, cfg, run, train_result):
-    cuda = run.device.type == "cuda"
-    ours, notebook = ((train_result["ours"], train_result["notebook"]) if train_result
-                      else measure_train(ws, cfg, run))
-    dtype = run.amp_dtype or torch.float32
-    peak = matmul_tflops(run.device, dtype, 8192 if cuda else 512, 50 if cuda else 5)
+def attention_kernels(ws, cfg, rt):
+    """Names of the GPU kernels one training forward runs for attention (what SDPA picked)."""
+    loader, _ = ws.loader(ws.sample(cfg.batch_size, salt=3), cfg.batch_size, shuffle=False)
+    batch = to_device(next(iter(loader)), rt.device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, rt.autocast():
+        ws.models["ours"](batch)
+        sync(rt)
+    names = {e.key for e in prof.key_averages()}
+    return sorted(n for n in names if any(w in n.lower() for w in ("attention", "fmha", "flash", "cudnn", "sdpa")))[:8]
+
+
+def end_to_end(ws, cfg, rt):
+    """train.py --epochs 1 on the synthesized file, bundled MiniLM, as a user runs it; the
+    preprocessing before it is timed apart (synthesize)."""
+    _, data_dir, prep = synthesize(ws)
+    out = os.path.join(ws.tmp, "e2e_run")
+    seconds, _ = run_child([sys.executable, "train.py", "--data_dir", data_dir, "--out_dir", out, "--epochs", "1",
+                            "--batch_size", str(cfg.batch_size), "--device", str(rt.device)],
+                           ws.tmp, "train_e2e", timeout=cfg.e2e_timeout)
+    with open(os.path.join(ws.tmp, "train_e2e.log")) as f:
+        log = f.read()
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        val = json.loads(f.readlines()[-1])
+    return {"train_py_seconds": seconds, "preprocess_seconds": prep["seconds"], "train_pairs": prep["train_pairs"],
+            "validation_pairs": prep["validation_pairs"], "validation_accuracy": val["accuracy"],
+            "log_tail": log[-3000:]}
+
+
+def stage_gpu(ws, cfg, plan, rt, report):
+    for name, fn in (("train", stage_train), ("infer", stage_infer)):
+        if name not in report["stages"]:
+            report["stages"][name] = fn(ws, cfg, plan, rt)
+    train = report["stages"]["train"]
+    dtype = rt.amp_dtype or torch.float32
+    peak = matmul_tflops(rt, dtype, 8192 if rt.cuda else 512, 50 if rt.cuda else 5)
     # 6 FLOPs per parameter per token (forward + backward); embeddings are lookups, not matmuls.
-    n_params = sum(p.numel() for name, p in ws.models[0].named_parameters() if "embeddings" not in name)
-    for s in (ours, notebook):
+    n_params = sum(p.numel() for name, p in ws.models["ours"].named_parameters() if "embeddings" not in name)
+    sides = {k: train[k] for k in ("ours", "notebook", "peer")}
+    for s in sides.values():
         s["mfu"] = 6 * n_params * s["real_tokens"] / s["seconds"] / (peak * 1e12)
-        s["hardware_flops_utilization"] = s["mfu"] * s["padded_tokens"] / s["real_tokens"]
         s["epoch_seconds"] = NOTEBOOK_EPOCH_PAIRS / s["pairs_per_sec"]
-    smoke = "" if cuda else " [cpu smoke]"
-    target = (lambda t: t) if cuda else (lambda t: "n/a (no GPU)")
-    epoch_ratio = notebook["epoch_seconds"] / ours["epoch_seconds"]
-    rows = [
-        row("gpu", f"MFU vs measured {str(dtype)[6:]}{smoke}", ours["mfu"], notebook["mfu"],
-            ours["mfu"] / notebook["mfu"], "-", None),
-        row("gpu", "data wait / step time", ours["data_wait_share"], notebook["data_wait_share"], None,
-            target("< 5%"), ours["data_wait_share"] < 0.05 if cuda else None),
-        row("gpu", "peak GPU memory GB", ours.get("peak_memory_gb"), notebook.get("peak_memory_gb"), None,
-            "-", None),
-        row("gpu", f"{NOTEBOOK_EPOCH_PAIRS:,}-pair epoch, s", ours["epoch_seconds"], notebook["epoch_seconds"],
-            epoch_ratio, target("< 25 s"), ours["epoch_seconds"] < 25 if cuda else None),
-    ]
-    return {"measured_matmul_tflops": peak, "matmul_dtype": str(dtype), "non_embedding_params": n_params,
-            "smoke_check_on": None if cuda else run.device.type,
-            "ours": {k: ours[k] for k in ("mfu", "hardware_flops_utilization", "data_wait_share",
-                                          "epoch_seconds", "pairs_per_sec") if k in ours}
-            | {"peak_memory_gb": ours.get("peak_memory_gb")},
-            "notebook": {k: notebook[k] for k in ("mfu", "hardware_flops_utilization", "data_wait_share",
-                                                  "epoch_seconds", "pairs_per_sec")}
-            | {"peak_memory_gb": notebook.get("peak_memory_gb"),
-               "logged_epoch_seconds_on_colab": NOTEBOOK_EPOCH_MINUTES * 60},
-            "ratio": epoch_ratio, "rows": rows}
+    ours, nb = sides["ours"], sides["notebook"]
+    smoke = "" if rt.cuda else " [cpu smoke]"
+    result = {"measured_matmul_tflops": peak, "matmul_dtype": str(dtype), "non_embedding_params": n_params,
+              "attention_backend": rt.attention, "attention_kernels": attention_kernels(ws, cfg, rt) if rt.cuda else None,
+              "smoke_check_on": None if rt.cuda else rt.device.type,
+              **{k: {m: s.get(m) for m in ("mfu", "data_wait_share", "epoch_seconds", "pairs_per_sec",
+                                           "peak_memory_gb", "compile_seconds", "distinct_shapes")}
+                 for k, s in sides.items()},
+              "ratio": nb["epoch_seconds"] / ours["epoch_seconds"]}
+    rows = [row("gpu", f"MFU vs measured {str(dtype)[6:]}{smoke}", ours["mfu"], nb["mfu"], ours["mfu"] / nb["mfu"]),
+            row("gpu", "data wait / step time", ours["data_wait_share"], nb["data_wait_share"], None,
+                "< 5%" if rt.cuda else "-", ours["data_wait_share"] < 0.05 if rt.cuda else None),
+            row("gpu", "peak GPU memory GB", ours.get("peak_memory_gb"), nb.get("peak_memory_gb"), None),
+            row("gpu", "compile + capture s (warm-up)", ours["compile_seconds"], None, None,
+                "< 90 s" if rt.cuda else "-", ours["compile_seconds"] < 90 if rt.cuda else None),
+            row("gpu", "distinct batch shapes", ours["distinct_shapes"], None, None),
+            row("gpu", f"{NOTEBOOK_EPOCH_PAIRS:,}-pair epoch, s", ours["epoch_seconds"], nb["epoch_seconds"],
+                result["ratio"])]
+    if rt.cuda:
+        e2e = result["train_py"] = end_to_end(ws, cfg, rt)
+        rows += [row("gpu", f"train.py --epochs 1, {e2e['train_pairs']:,} pairs + validation, wall s",
+                     e2e["train_py_seconds"], None, None, "< 40 s", e2e["train_py_seconds"] < 40),
+                 row("gpu", f"  preprocess {cfg.rows:,} rows before it, wall s", e2e["preprocess_seconds"], None, None)]
+    result["rows"] = rows
+    return result
 
 
 STAGE_FUNCTIONS = {"preprocess": stage_preprocess, "data": stage_data, "padding": stage_padding,
-                   "train": stage_train, "infer": stage_infer}  # gpu takes the train results too
+                   "train": stage_train, "infer": stage_infer}
 
 
 # ----------------------------------------------------------------------------- report
 
-def row(stage, measure, ours, notebook, ratio, target, passed):
-    def num(v):  # numpy scalars -> plain JSON numbers and booleans
+def row(stage, measure, ours, reference_value, ratio, target="-", passed=None):
+    def num(v):  # numpy scalars -> plain JSON numbers
         return v if v is None or isinstance(v, str) else float(v)
-    return {"stage": stage, "measure": measure, "ours": num(ours), "notebook": num(notebook),
-            "ratio": num(ratio), "target": target,
-            "pass": passed if passed is None or isinstance(passed, str) else bool(passed)}
+    return {"stage": stage, "measure": measure, "ours": num(ours), "notebook": num(reference_value),
+            "ratio": num(ratio), "target": target, "pass": passed if passed is None else bool(passed)}
 
 
 def fmt(v):
@@ -689,7 +587,7 @@ def fmt(v):
 
 
 def format_table(rows):
-    head = ("stage", "measure", "ours", "notebook", "ratio", "target", "result")
+    head = ("stage", "measure", "ours", "reference", "ratio", "target", "result")
     cells = [[r["stage"], r["measure"], fmt(r["ours"]), fmt(r["notebook"]),
               "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["target"],
               {True: "PASS", False: "FAIL", None: "-"}.get(r["pass"], r["pass"])] for r in rows]
@@ -699,7 +597,7 @@ def format_table(rows):
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def machine_info(device):
+def machine_info(rt):
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -710,8 +608,8 @@ def machine_info(device):
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "platform": platform.platform(), "gpu": None}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
+    if rt.cuda:
+        props = torch.cuda.get_device_properties(rt.device)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1),
                     gpu_capability=f"{props.major}.{props.minor}")
     return info
@@ -739,38 +637,38 @@ def git_commit():
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    run = resolve(cfg)
+    cfg = parse_config(BenchConfig, argv, __doc__)
+    return run(bench, cfg)
+
+
+def bench(cfg):
+    rt = engine.setup_runtime(cfg.device)
+    plan = make_plan(cfg, rt)
     # Set, the variable silences the Rust tokenizer's warning at each DataLoader fork; "true" is its
     # default anyway (the notebook's tokenizer keeps its threads), and workers never tokenize.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    if run.device.type == "cuda":
-        # Both sides: TF32 matmuls were PyTorch 1.10's default when the notebook ran, and train.py's.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    gpu_name = f" ({torch.cuda.get_device_name(run.device)})" if run.device.type == "cuda" else ""
-    print(f"device {run.device}{gpu_name} | ours {str(run.amp_dtype or 'fp32').removeprefix('torch.')}, "
-          f"notebook fp32 | model {run.model_name} | batch {cfg.batch_size} | stages {','.join(run.stages)}")
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(run.device),
+    print(f"ours {rt.precision}, notebook fp32, peer {'bf16' if rt.cuda else 'fp32'} | encoder {plan.encoder} | "
+          f"batch {cfg.batch_size} | stages {','.join(plan.stages)}")
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(rt),
               "versions": versions(), "git": git_commit(),
-              "settings": {**asdict(cfg), "resolved": {k: str(v) if k in ("device", "amp_dtype") else v
-                                                       for k, v in asdict(run).items()}},
+              "settings": {**asdict(cfg), "resolved": asdict(plan), "precision": rt.precision,
+                           "device": str(rt.device), "attention": rt.attention},
               "stages": {}}
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        ws = Workspace(cfg, run, tmp)
-        for stage in run.stages:
+        ws = Workspace(cfg, plan, rt, tmp)
+        for stage in plan.stages:
             t0 = time.time()
-            if stage == "gpu" and run.device.type != "cuda" and not run.gpu_named:
-                report["stages"]["gpu"] = {"skipped": "not yet measured: no CUDA device here",
+            if stage == "gpu" and not rt.cuda and not plan.gpu_named:
+                report["stages"]["gpu"] = {"skipped": "not measured: no CUDA device here",
                                            "rows": [row("gpu", "MFU, data wait, memory, epoch", None, None,
-                                                        None, "-", "not yet measured: no GPU")]}
+                                                        None, "-", None)]}
                 continue
             print(f"== {stage}", flush=True)
             if stage == "gpu":
-                result = stage_gpu(ws, cfg, run, report["stages"].get("train"))
+                result = stage_gpu(ws, cfg, plan, rt, report)
             else:
-                result = STAGE_FUNCTIONS[stage](ws, cfg, run)
+                result = STAGE_FUNCTIONS[stage](ws, cfg, plan, rt)
             result["stage_seconds"] = round(time.time() - t0, 1)
             report["stages"][stage] = result
             print(format_table(result["rows"]), flush=True)

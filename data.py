@@ -1,41 +1,123 @@
-"""Batches of question pairs from the arrays preprocess.py wrote.
+"""The preprocessed data folder and the batches made from it.
 
+- The folder (written by preprocess.py through write_data_dir, atomically): tokens.npy, offsets.npy,
+  train/validation/test.npy, rejects.tsv and manifest.json, which records each file's size and
+  sha256. load_manifest checks the format version and the files' sizes (hashes with verify="hash").
 - PairDataset: one split over the memory-mapped token arrays, opened lazily in each process (so
   DataLoader workers each map the files themselves instead of pickling arrays).
 - BucketBatchSampler: batches of pairs with similar lengths. Deterministic for (seed, epoch), every
   pair once per epoch, longest batch first (out-of-memory shows at step 0, not hours in), resumable
   from a batch position, shardable over DDP ranks with equal batch counts.
 - Collator: padded tensors for the two layouts,
-    siamese: the 2B questions of a batch, sorted by length and cut into at most `max_chunks` groups
-             at the cut that minimizes padding; each group is one padded (n, L) tensor and one
-             encoder call. q1_pos/q2_pos say where each pair's questions landed. (Padding q1 and q2
-             separately wastes ~19% of tokens even with bucketing: pairs join long and short questions.)
+    siamese: the 2B questions of a batch, sorted by length and cut into `chunks` groups; each group
+             is one padded (n, L) tensor and one encoder call. q1_pos/q2_pos say where each pair's
+             questions landed. (Padding q1 and q2 separately wastes ~19% of tokens even with
+             bucketing: pairs join long and short questions.)
     cross:   one joined sequence per pair, [CLS] q1 [SEP] q2 [SEP], with segment ids.
+  and two ways to pad them:
+    exact  (CPU): each group padded to its own longest question, cut where padding is least.
+    static (GPU): every batch has batch_size pairs (a short last batch is filled with ignored
+             copies), the groups have equal row counts, and lengths are rounded up to a short
+             geometric grid: a few fixed shapes in all, so compiled kernels, CUDA graphs and
+             attention plans are built once per shape instead of once per batch.
 """
+import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1  # of the folder preprocess.py writes; bump when the layout changes
+from cli import UserError
+
+FORMAT_VERSION = 2  # of the folder preprocess.py writes; bump when the layout changes
 SPLITS = ("train", "validation", "test")
+ARRAY_FILES = ("tokens.npy", "offsets.npy", *(f"{s}.npy" for s in SPLITS))
+IGNORE_LABEL = -100  # cross-entropy's ignore_index: fill pairs and pairs without a label
 
 
-class DataError(Exception):
-    """Bad input data: scripts print the message as one line and exit with code 2."""
+# ----------------------------------------------------------------------------- the folder
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def load_manifest(data_dir):
+def rerun_fix(data_dir, manifest=None):
+    source = (manifest or {}).get("source", "train.csv")
+    return f"re-run python preprocess.py {source} --out_dir {data_dir}"
+
+
+def write_data_dir(out_dir, arrays, texts, manifest):
+    """Write arrays ({name.npy: ndarray}), text files ({name: str}) and the manifest into out_dir,
+    atomically: everything is built in a sibling temp folder that replaces out_dir in one rename,
+    so an interrupted write is never mistaken for a finished folder. The manifest records each
+    file's size and sha256."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, arr in arrays.items():
+        np.save(os.path.join(tmp, name), arr)
+    for name, text in texts.items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    manifest["files"] = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                                "sha256": file_sha256(os.path.join(tmp, name))}
+                         for name in sorted(os.listdir(tmp))}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    old = f"{out_dir}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)  # only ever a folder check_out_dir accepted: one of ours
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def check_out_dir(out_dir):
+    """out_dir may be new, empty, or a data folder preprocess.py wrote (it will be replaced)."""
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new or written by "
+                        "preprocess.py)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and \
+            not os.path.isfile(os.path.join(out_dir, "manifest.json")):
+        raise UserError(f"--out_dir {out_dir} holds other files and no manifest.json, so it is not "
+                        "a data folder this script wrote, and rebuilding would replace it",
+                        "pass a new or empty folder")
+
+
+def load_manifest(data_dir, verify="size"):
+    """The folder's manifest after checking its format and its files: each file recorded in it
+    must exist with its recorded size (verify="hash": and sha256; None: no file check)."""
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.exists(path):
-        raise DataError(f"{data_dir}: no manifest.json. HINT: run python preprocess.py train.csv "
-                        f"--out_dir {data_dir}")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{data_dir}: data format {manifest.get('format_version')}, this code reads "
-                        f"format {FORMAT_VERSION}. HINT: re-run preprocess.py with --out_dir {data_dir}")
+        raise UserError(f"{data_dir}: no manifest.json, so not a folder preprocess.py wrote",
+                        f"run python preprocess.py train.csv --out_dir {data_dir}")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__})", rerun_fix(data_dir)) from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise UserError(f"{data_dir}: data format {version}, this code reads format {FORMAT_VERSION}",
+                        rerun_fix(data_dir, manifest if isinstance(manifest, dict) else None))
+    for name, rec in manifest.get("files", {}).items() if verify else ():
+        file = os.path.join(data_dir, name)
+        problem = None
+        if not os.path.isfile(file):
+            problem = "is missing"
+        elif os.path.getsize(file) != rec["bytes"]:
+            problem = f"has {os.path.getsize(file):,} bytes, the manifest says {rec['bytes']:,}"
+        elif verify == "hash" and file_sha256(file) != rec["sha256"]:
+            problem = "differs from what preprocess.py wrote (sha256)"
+        if problem:
+            raise UserError(f"{file} {problem}: the folder is damaged", rerun_fix(data_dir, manifest))
     return manifest
 
 
@@ -44,12 +126,14 @@ def fingerprint(manifest):
     return json.dumps(manifest["cache_key"], sort_keys=True)
 
 
-def check_tokenizer(manifest, vocab_hash, model_name, data_dir):
-    """The data must have been tokenized with the model's own vocabulary."""
-    if manifest["vocab_hash"] != vocab_hash:
-        raise DataError(f"{data_dir} was tokenized with '{manifest['tokenizer']}', whose vocabulary "
-                        f"differs from '{model_name}'s. HINT: re-run python preprocess.py "
-                        f"{manifest['source']} --model {model_name} --out_dir {data_dir}")
+def load_array(data_dir, name, manifest, mmap=False):
+    """One .npy of the folder; a damaged file is a UserError naming it."""
+    path = os.path.join(data_dir, name)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); the folder is damaged",
+                        rerun_fix(data_dir, manifest)) from None
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -59,18 +143,27 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, split):
         if split not in SPLITS:
             raise ValueError(f"split '{split}': use one of {SPLITS}")
+        self.data_dir = data_dir
         self.manifest = load_manifest(data_dir)
-        self.tokens_path = os.path.join(data_dir, "tokens.npy")
         self._tokens = None
         # Pairs and offsets are small (12 and 8 bytes each): load them now, for lengths().
-        self.pairs = np.load(os.path.join(data_dir, f"{split}.npy"))  # (N, 3) q1, q2, label
-        self.offsets = np.load(os.path.join(data_dir, "offsets.npy"))  # (Q+1,)
+        self.pairs = load_array(data_dir, f"{split}.npy", self.manifest)  # (N, 3) q1, q2, label
+        self.offsets = load_array(data_dir, "offsets.npy", self.manifest)  # (Q+1,)
+        if self.pairs.ndim != 2 or self.pairs.shape[1] != 3 or \
+                (len(self.pairs) and self.pairs[:, :2].max() >= len(self.offsets) - 1):
+            raise UserError(f"{data_dir}/{split}.npy does not fit offsets.npy: the folder is damaged",
+                            rerun_fix(data_dir, self.manifest))
 
     @property
     def tokens(self):
         if self._tokens is None:
+            tokens = load_array(self.data_dir, "tokens.npy", self.manifest, mmap=True)
+            if len(tokens) != self.offsets[-1]:
+                raise UserError(f"{self.data_dir}/tokens.npy holds {len(tokens):,} tokens, offsets.npy "
+                                f"expects {self.offsets[-1]:,}: the folder is damaged",
+                                rerun_fix(self.data_dir, self.manifest))
             # Still memory-mapped; a plain ndarray view slices faster than np.memmap.
-            self._tokens = np.asarray(np.load(self.tokens_path, mmap_mode="r"))
+            self._tokens = np.asarray(tokens)
         return self._tokens
 
     def __len__(self):
@@ -98,12 +191,14 @@ class PairDataset(torch.utils.data.Dataset):
 
 class InMemoryPairs(PairDataset):
     """The same items from arrays in memory (raw CSVs tokenized on the fly, predict.py's inputs).
-    pairs (N, 3) holds q1, q2, label (-1 when unknown)."""
+    pairs (N, 3) holds q1, q2, label (negative when unknown)."""
 
     def __init__(self, tokens, offsets, pairs, pad_token_id):
         self._tokens, self.offsets, self.pairs = tokens, offsets, pairs
         self.manifest = {"pad_token_id": pad_token_id}
 
+
+# ----------------------------------------------------------------------------- batches
 
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Length-bucketed batches of pair indices.
@@ -191,37 +286,61 @@ def best_cuts(sorted_lengths, max_chunks):
     return sorted(cuts)  # end positions (exclusive) of each group
 
 
-def pad_to_bucket(length, multiple):
-    return -(-length // multiple) * multiple if multiple > 1 else length
+def length_grid(max_len, ratio=1.15, smallest=8):
+    """Padded lengths static shapes may take: even numbers from `smallest`, each about `ratio`
+    times the last, ending at max_len (8, 10, 12, ..., 20, 24, 28, 32, 36, 42, ..., 98, 112, 128
+    for 128: 20 lengths): rounding up to the next one pads a row by at most 1/6."""
+    grid = [min(smallest, max_len)]
+    while grid[-1] < max_len:
+        grid.append(min(max_len, max(grid[-1] + 2, 2 * round(grid[-1] * ratio / 2))))
+    return np.array(grid)
 
 
 class Collator:
-    """List of dataset items -> dict of tensors (see the module docstring for the layouts)."""
+    """List of dataset items -> dict of tensors (see the module docstring for layouts and padding).
 
-    def __init__(self, layout, pad_id, max_chunks=2, pad_multiple=1, max_joined_len=512):
+    exact (grid=None): siamese questions cut into <= `chunks` groups where padding is least.
+    static (grid = length_grid(...)): batches filled to batch_size pairs (fill pairs: index -1,
+    label IGNORE_LABEL), siamese questions cut into exactly `chunks` equal groups, every length
+    rounded up to the grid."""
+
+    def __init__(self, layout, pad_id, chunks=2, batch_size=None, grid=None, max_joined_len=512):
         if layout not in ("siamese", "cross"):
             raise ValueError(f"layout '{layout}': use 'siamese' or 'cross'")
-        self.layout, self.pad_id, self.max_chunks = layout, pad_id, max_chunks
-        # pad_multiple > 1 rounds lengths up to a few fixed shapes (for torch.compile / CUDA graphs).
-        self.pad_multiple, self.max_joined_len = pad_multiple, max_joined_len
+        if grid is not None and (batch_size is None or layout == "siamese" and 2 * batch_size % chunks):
+            raise ValueError(f"static shapes need a batch size whose 2 x {batch_size} questions split "
+                             f"into {chunks} equal groups")
+        self.layout, self.pad_id, self.chunks = layout, pad_id, chunks
+        self.batch_size, self.grid, self.max_joined_len = batch_size, grid, max_joined_len
 
     def pad(self, seqs):
+        """Sequences -> (n, L) ids and mask; L is the longest, rounded up to the grid if static."""
         lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        length = pad_to_bucket(int(lens.max()), self.pad_multiple)
+        length = int(lens.max())
+        if self.grid is not None and length <= self.grid[-1]:
+            length = int(self.grid[np.searchsorted(self.grid, length)])  # the next grid length
         mask = np.arange(length)[None, :] < lens[:, None]  # (n, L) True on real tokens
         ids = np.full((len(seqs), length), self.pad_id, dtype=np.int64)
         ids[mask] = np.concatenate(seqs)  # row-major: fills each row's real tokens in order
         return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
     def __call__(self, items):
+        if self.grid is not None and len(items) < self.batch_size:
+            # A short (last) batch keeps the fixed shape: copies of its first pair, ignored.
+            _, q1, q2, _ = items[0]
+            items = list(items) + [(-1, q1, q2, IGNORE_LABEL)] * (self.batch_size - len(items))
         index, q1, q2, labels = zip(*items)
+        labels = torch.tensor(labels, dtype=torch.int64)
         batch = {"index": torch.tensor(index, dtype=torch.int64),
-                 "labels": torch.tensor(labels, dtype=torch.int64)}
+                 "labels": labels.masked_fill(labels < 0, IGNORE_LABEL)}  # (B,)
         if self.layout == "siamese":
             questions = q1 + q2  # (2B,) q1 of every pair, then q2 of every pair
             q_len = np.array([len(q) for q in questions])
             order = np.argsort(q_len, kind="stable")
-            cuts = best_cuts(q_len[order], self.max_chunks)
+            if self.grid is None:
+                cuts = best_cuts(q_len[order], self.chunks)
+            else:
+                cuts = list(range(len(questions) // self.chunks, len(questions) + 1, len(questions) // self.chunks))
             ids, masks = [], []
             for start, end in zip([0] + cuts[:-1], cuts):
                 i, m = self.pad([questions[k] for k in order[start:end]])  # (n, L) each
@@ -253,9 +372,24 @@ class Collator:
 
 
 def padding_stats(batch):
-    """(real tokens, padded tokens) of a collated batch: how much encoder work is real."""
+    """(real tokens, padded tokens) of a collated batch: how much encoder work is real. Fill pairs
+    count as padding."""
     masks = batch["q_mask"] if "q_mask" in batch else [batch["attention_mask"]]
-    return sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    padded = sum(m.numel() for m in masks)
+    real = sum(int(m.sum()) for m in masks)
+    fill = batch["index"] < 0
+    if fill.any():  # remove the fill pairs' tokens from the real count
+        if "q_mask" in batch:
+            rows = torch.cat([m.sum(1) for m in masks])  # (2B,) tokens per question row
+            real -= int(rows[batch["q1_pos"][fill]].sum() + rows[batch["q2_pos"][fill]].sum())
+        else:
+            real -= int(batch["attention_mask"][fill].sum())
+    return real, padded
+
+
+def shapes_of(batch):
+    """The tensor shapes an encoder sees for this batch: one (rows, length) per encoder call."""
+    return tuple(tuple(t.shape) for t in batch.get("q_ids", [batch.get("input_ids")]))
 
 
 def to_device(batch, device):
@@ -270,15 +404,54 @@ def to_device(batch, device):
 
 
 def make_loader(dataset, layout, batch_size, *, shuffle, seed=0, num_replicas=1, rank=0,
-                num_workers=0, pin_memory=False, max_chunks=2, pad_multiple=1):
-    """A DataLoader over one split with the bucketed sampler; returns (loader, sampler)."""
+                num_workers=0, pin_memory=False, chunks=2, static_shapes=False, max_len=None):
+    """A DataLoader over one split with the bucketed sampler; returns (loader, sampler).
+    static_shapes: the Collator's static padding over length_grid(max_len); workers persist across
+    epochs (set_epoch acts in this process: the sampler is iterated here, workers only collate)."""
     sampler = BucketBatchSampler(dataset.lengths(layout), batch_size, seed=seed, shuffle=shuffle,
                                  num_replicas=num_replicas, rank=rank)
-    collate = Collator(layout, dataset.manifest["pad_token_id"] or 0, max_chunks=max_chunks,
-                       pad_multiple=pad_multiple)
+    grid = None
+    if static_shapes:
+        max_len = max_len or int(dataset.manifest.get("max_len") or 128)
+        grid = length_grid(max_len if layout == "siamese" else min(2 * max_len - 1, 512))
+    collate = Collator(layout, dataset.manifest["pad_token_id"] or 0, chunks=chunks,
+                       batch_size=batch_size, grid=grid)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=num_workers, pin_memory=pin_memory,
+                                         persistent_workers=num_workers > 0,
                                          # Its own generator: creating an iterator draws a worker
                                          # seed, which must not move the global RNG (exact resume).
                                          generator=torch.Generator().manual_seed(seed))
     return loader, sampler
+
+
+# ----------------------------------------------------------------------------- opening inputs
+
+def open_data_dir(data_dir, tok_hash, encoder):
+    """The folder's manifest, after checking its format, its files, and that the model's
+    vocabulary made it."""
+    from text import check_vocab
+    manifest = load_manifest(data_dir)
+    check_vocab(manifest, tok_hash, encoder, data_dir)
+    if manifest["split_policy"] == "random":
+        print(f"note: {data_dir} was split at random (the notebook's policy): its validation and test "
+              "questions also occur in train, so their metrics are optimistic")
+    return manifest
+
+
+def open_splits(data_dir, split):
+    """({name: dataset} to report, the validation dataset to tune thresholds on); split is one of
+    SPLITS or 'all'."""
+    names = SPLITS if split == "all" else (split,)
+    validation = PairDataset(data_dir, "validation")
+    return {s: validation if s == "validation" else PairDataset(data_dir, s) for s in names}, validation
+
+
+def pairs_from_file(path, tok, max_len, pad_token_id, require_label=True):
+    """A raw CSV/TSV of pairs, tokenized like the training data.
+    Returns (InMemoryPairs, the pairs dict of text.read_pairs, rejects, rows_read)."""
+    from text import UNKNOWN_LABEL, encode_pairs, read_pairs
+    pairs, rejects, rows_read = read_pairs(path, require_label=require_label)
+    labels = pairs["label"] if pairs["label"] is not None else [UNKNOWN_LABEL] * len(pairs["q1"])
+    tokens, offsets, triples = encode_pairs(tok, pairs["q1"], pairs["q2"], labels, max_len)
+    return InMemoryPairs(tokens, offsets, triples, pad_token_id), pairs, rejects, rows_read

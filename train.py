@@ -2,183 +2,358 @@
 
     # CPU smoke run, under a minute (bundled MiniLM):
     python preprocess.py ../shared/data/qqp/qqp_first8k.csv.gz --out_dir data/qqp8k
-    python train.py --data_dir data/qqp8k --epochs 1 --max_steps 20 --bs 32 --out_dir out/smoke
+    python train.py --data_dir data/qqp8k --epochs 1 --max_steps 20 --batch_size 32 --out_dir out/smoke
     # The real run on one GPU (Kaggle's train.csv), or on N GPUs with torchrun:
-    python train.py --epochs 5 --bs 128
-    torchrun --nproc_per_node 8 train.py --epochs 5 --bs 128
+    python train.py --epochs 5 --batch_size 128
+    torchrun --nproc_per_node 8 train.py --epochs 5 --batch_size 128
 
-The loop, per optimizer step: lr from the schedule, forward under autocast, backward (accumulated
-over --grad_accum_steps micro-batches), unscale, clip, step, zero_grad, log. Evaluates on the
-validation split every --eval_every_steps (0: each epoch) and keeps the best checkpoint; at the end
-the best one is evaluated on the test split. Writes to --out_dir:
+The loop, per optimizer step (engine.train_step): forward under autocast, backward (accumulated
+over --grad_accum_steps micro-batches, each weighted by its pairs), unscale, clip, step, zero_grad,
+next lr; one device-to-host sync per --log_every_steps. Evaluates on the validation split every
+--eval_every_steps (0: each epoch) and keeps the best checkpoint; at the end the best one is
+evaluated on the test split. On a GPU it is fast by default: few fixed batch shapes (data.Collator),
+compiled once, replayed as CUDA graphs. Writes to --out_dir:
 
-    ckpt.pt        best checkpoint (weights, config, data fingerprint; torch.load(weights_only=True))
-    last.pt        latest checkpoint with optimizer/scheduler/scaler/sampler/RNG state, for --resume
-    hf/            the best encoder and its tokenizer in Hugging Face format, for other tools
-    metrics.jsonl  one JSON line per evaluation
+    ckpt.pt            best checkpoint (weights, config, data fingerprint; weights_only loadable)
+    last.pt            latest checkpoint with optimizer/scheduler/scaler/sampler/RNG state (--resume)
+    hf/                the best encoder and tokenizer in Hugging Face / sentence-transformers format
+    metrics.jsonl      one JSON line per evaluation
+    test_results.json  the best checkpoint's metrics on the test split
+
+--resume continues the run in --out_dir from its last.pt, with its saved config; flags that can
+change safely (more --epochs or --max_steps, intervals, workers, the data folder's path) apply and
+are named; any other flag that differs from the saved run is refused.
 """
-import argparse
 import json
 import math
 import os
-import random
-import signal
+import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
-import numpy as np
 import torch
 
-from data import DataError, PairDataset, check_tokenizer, fingerprint, make_loader, to_device
+import engine
+from cli import UserError, arg, given_flags, parse_config, run
+from data import PairDataset, fingerprint, make_loader, shapes_of, to_device
 from metrics import compute_metrics, format_report
-from model import (BUNDLED_MODEL, ModelConfig, build_model, load_checkpoint, loss_fn,
-                   model_from_checkpoint, pick_device, pick_precision, save_checkpoint)
+from model import ModelConfig, build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
+from text import check_vocab, load_tokenizer, vocab_hash
+
+RUN_FILES = ("ckpt.pt", "last.pt", "metrics.jsonl", "test_results.json", "hf")
+LOWER_IS_BETTER = ("log_loss",)
+# May differ from the saved config on --resume: they change how long or how visibly the run goes
+# on, not what it computes up to now.
+RESUME_MAY_CHANGE = {"out_dir", "data_dir", "resume", "epochs", "max_steps", "eval_every_steps",
+                     "save_every_steps", "log_every_steps", "early_stopping_patience", "num_workers"}
 
 
 @dataclass
 class TrainConfig:
     # data and output
-    data_dir: str = "data/qqp"        # folder written by preprocess.py
-    out_dir: str = "out"              # checkpoints, metrics.jsonl, hf/
-    # model (see model.ModelConfig)
-    encoder: str = BUNDLED_MODEL      # HF name or local folder; the notebook used distilbert-base-uncased
-    arch: str = "siamese"             # 'siamese' (notebook) or 'cross'
-    # The notebook's head read [CLS] and concatenated [u, v]; MiniLM is trained for mean pooling,
-    # and |u-v|, u*v hand the head the similarity directly (on the real 8k rows, validation
-    # accuracy 0.74 -> 0.82). --pooling cls --features concat gives the notebook's head.
-    pooling: str = "mean"             # 'mean' over real tokens, or 'cls' (notebook)
-    features: str = "rich"            # 'rich' (u, v, |u-v|, u*v) or 'concat' (notebook: u, v)
-    hidden: int = 300
-    dropout: float = 0.25
-    freeze_encoder: bool = False      # the notebook's "static BERT": train the head only
-    symmetric: bool = False           # siamese: average the logits of both question orders
-    # optimization (notebook: Adam, lr 1e-4, batch 128, clip 1.0)
-    epochs: int = 5
-    bs: int = 128                     # pairs per micro-batch per process
-    grad_accum_steps: int = 1         # micro-batches per optimizer step
-    max_steps: int = 0                # stop after this many optimizer steps (0: run all epochs)
-    lr: float = 1e-4
-    weight_decay: float = 0.0         # AdamW; 0 is the notebook's Adam
-    warmup_ratio: float = 0.06        # share of steps with linear warmup, then linear decay to 0
-    clip: float = 1.0                 # max gradient norm
-    seed: int = 0
+    data_dir: str = arg("data/qqp", "folder written by preprocess.py")
+    out_dir: str = arg("out", "run folder: checkpoints, metrics.jsonl, hf/")
+    overwrite_output_dir: bool = arg(False, "start over in an out_dir that holds an earlier run (deletes it)")
+    resume: bool = arg(False, "continue the run in out_dir from its last.pt")
+    # model (see model.ModelConfig, which holds the defaults). The notebook read [CLS] and
+    # concatenated [u, v]; MiniLM is trained for mean pooling, and |u-v|, u*v hand the head the
+    # similarity directly (validation accuracy 0.71 -> 0.80 on the real 8k rows).
+    encoder: str = arg(ModelConfig.encoder, "HF name or local folder (the notebook: distilbert-base-uncased)")
+    arch: Literal["siamese", "cross"] = arg(ModelConfig.arch, "siamese (the notebook) or cross (one joined sequence)")
+    pooling: Literal["mean", "cls"] = arg(ModelConfig.pooling, "mean over real tokens, or cls (the notebook)")
+    features: Literal["rich", "concat"] = arg(ModelConfig.features, "siamese head input: rich (u, v, |u-v|, u*v) "
+                                              "or concat (u, v; the notebook)")
+    hidden: int = arg(ModelConfig.hidden, "head width (the notebook: 300)")
+    dropout: float = arg(ModelConfig.dropout, "head dropout (the notebook: 0.25)")
+    freeze_encoder: bool = arg(ModelConfig.freeze_encoder, "the notebook's static BERT: train the head only")
+    symmetric: bool = arg(ModelConfig.symmetric, "siamese: average the logits of both question orders")
+    # optimization (engine.Recipe holds the defaults)
+    epochs: int = arg(5, "passes over the training split")
+    batch_size: int = arg(128, "pairs per micro-batch per process (the notebook: 128)", aliases=["--bs"])
+    grad_accum_steps: int = arg(1, "micro-batches per optimizer step")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
+    lr: float = arg(engine.Recipe.lr, "peak learning rate (AdamW)")
+    weight_decay: float = arg(engine.Recipe.weight_decay, "AdamW weight decay (0: the notebook's Adam)")
+    warmup_ratio: float = arg(engine.Recipe.warmup_ratio, "share of steps with linear warmup from 0, then "
+                                                          "linear decay to 0")
+    clip: float = arg(engine.Recipe.clip, "max gradient norm")
+    seed: int = arg(0, "weights of the head, dropout, batch order")
     # evaluation, checkpoints, logging
-    eval_every_steps: int = 0         # 0: evaluate at the end of each epoch
-    metric_for_best: str = "accuracy" # validation metric that picks ckpt.pt
-    early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: off)
-    save_every_steps: int = 0         # also write last.pt this often (0: at evaluations only)
-    log_every_steps: int = 20
-    resume: bool = False              # continue from out_dir/last.pt
+    eval_every_steps: int = arg(0, "validate every N steps (0: at the end of each epoch)")
+    metric_for_best: Literal["accuracy", "f1", "average_precision", "roc_auc", "log_loss"] = arg(
+        "accuracy", "validation metric that picks ckpt.pt (log_loss: lower is better)")
+    early_stopping_patience: int = arg(0, "stop after N evaluations without improvement (0: off)")
+    save_every_steps: int = arg(0, "also write last.pt every N steps (0: at evaluations and epoch ends)")
+    log_every_steps: int = arg(20, "log (and sync with the GPU) every N steps")
     # hardware
-    device: str = "auto"              # auto: cuda > mps > cpu
-    precision: str = "auto"           # auto: bf16 (or fp16 + grad scaler) on GPU, fp32 on CPU
-    compile: bool = False             # torch.compile; pads lengths to multiples of 16 (few shapes)
-    num_workers: int = 2              # DataLoader workers (0: load in the training process)
-    max_chunks: int = 2               # siamese: encoder calls per batch (see data.Collator)
+    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = arg(
+        "auto", "torch.compile; auto: CUDA graphs (reduce-overhead) on one GPU, default under DDP, off on CPU")
+    shapes: Literal["auto", "exact", "static"] = arg(
+        "auto", "batch shapes; auto: static on CUDA (few fixed shapes), exact on CPU (least padding)")
+    chunks: int = arg(0, "siamese: encoder calls per batch (0: 4 with static shapes, 2 exact)")
+    num_workers: int = arg(2, "DataLoader worker processes (0: collate in the training process)")
 
 
-def dataclass_parser(config_cls, description):
-    """One flag per config field, named like the field; booleans are switches."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_cls):
-        if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true")
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return p
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, __doc__)
+    run(train, cfg, given_flags(TrainConfig, argv))
 
 
-def parse_args(argv=None):
-    return TrainConfig(**vars(dataclass_parser(TrainConfig, __doc__).parse_args(argv)))
+def train(cfg, given=()):
+    check_config(cfg)
+    rt = engine.setup_runtime(cfg.device, cfg.precision, distributed=True)
+    say = print if rt.master else (lambda *a, **k: None)
+    cfg, state = start_or_resume(cfg, set(given), rt, say)
+    engine.seed_everything(cfg.seed)
+
+    # --- data; the tokenizer must be the one the data was made with
+    train_ds, val_ds = PairDataset(cfg.data_dir, "train"), PairDataset(cfg.data_dir, "validation")
+    manifest = train_ds.manifest
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise UserError(f"{cfg.data_dir}: the train or validation split is empty",
+                        "re-run preprocess.py with --val_frac > 0")
+    data_info = data_record(manifest, cfg.data_dir)
+    if state is not None and state["data"]["fingerprint"] != data_info["fingerprint"]:
+        raise UserError(f"{cfg.data_dir} is not the data folder the run in {cfg.out_dir} was trained on",
+                        "pass its --data_dir, or start a new run in another --out_dir")
+    tokenizer = load_tokenizer(cfg.encoder)
+    check_vocab(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
+    static, chunks = engine.batch_layout(rt, cfg.shapes, cfg.chunks)
+    loader_args = dict(num_replicas=rt.world, rank=rt.rank, num_workers=cfg.num_workers, pin_memory=rt.cuda,
+                       chunks=chunks, static_shapes=static)
+    train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed, **loader_args)
+    val_loader, _ = make_loader(val_ds, cfg.arch, 2 * cfg.batch_size, shuffle=False, **loader_args)
+
+    # --- model, optimizer, schedule; restored from last.pt on --resume
+    raw_model = build_model(ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)
+                                           if hasattr(cfg, f.name)}))
+    raw_model.to(rt.device)
+    compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
+    model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
+    optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt)
+    batches_per_epoch = len(sampler)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    scheduler = engine.build_scheduler(optimizer, total_steps, cfg.warmup_ratio)
+    scaler = engine.build_scaler(rt)
+    progress = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "bad_evals": 0}
+    if state is not None:
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = {k: state[k] for k in progress}
+        engine.set_rng_state(state["rng"])
+    say(summary(cfg, rt, raw_model, manifest, len(train_ds), len(val_ds), steps_per_epoch, total_steps,
+                compile_mode, static, chunks))
+
+    ctx = Run(cfg, rt, raw_model, data_info, tokenizer, progress, steps_per_epoch, say)
+
+    def save_last():  # the full state, for --resume
+        save_run(ctx, "last.pt", optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 scaler=scaler.state_dict(), rng=engine.rng_state())
+
+    # --- the loop
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rt.master:
+        trim_metrics(metrics_path, progress["step"], say)  # lines a killed run wrote after last.pt
+    stop, stop_reason, shapes = engine.StopSignal(rt), None, set()
+    log = Log(cfg, rt, total_steps, progress["step"], say)
+    model.train()
+    while progress["step"] < total_steps and stop_reason is None:
+        sampler.set_epoch(progress["epoch"], start_batch=progress["batches_done"])
+        batches = iter(train_loader)
+        global_sizes = sampler.global_sizes(progress["epoch"])  # pairs per batch, all processes
+        while progress["batches_done"] < batches_per_epoch and progress["step"] < total_steps:
+            done = progress["batches_done"]
+            n_micro = min(cfg.grad_accum_steps, batches_per_epoch - done)  # fewer at the epoch end
+            t_wait = time.perf_counter()
+            micro = [to_device(next(batches), rt.device) for _ in range(n_micro)]
+            log.data_wait += time.perf_counter() - t_wait
+            shapes.update(s for b in micro for s in shapes_of(b))
+            step_pairs = sum(global_sizes[done:done + n_micro])
+            log.loss_sum += engine.train_step(model, micro, step_pairs, optimizer, scheduler, scaler, rt, cfg.clip)
+            log.pairs += step_pairs
+            progress["step"] += 1
+            progress["batches_done"] += n_micro
+            step = progress["step"]
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                log.write(step, progress["epoch"], scheduler.get_last_lr()[0], micro)
+            end_of_epoch = progress["batches_done"] == batches_per_epoch
+            eval_now = (step % cfg.eval_every_steps == 0) if cfg.eval_every_steps else end_of_epoch
+            if eval_now or step == total_steps:
+                if validate(ctx, val_loader, val_ds):
+                    stop_reason = f"early stopping: no better {cfg.metric_for_best} for " \
+                                  f"{cfg.early_stopping_patience} evaluations"
+                model.train()
+            if end_of_epoch:
+                progress["epoch"], progress["batches_done"] = progress["epoch"] + 1, 0
+            interrupted = stop()  # the same answer on every process
+            if rt.master and (interrupted or stop_reason or eval_now or end_of_epoch or step == total_steps or
+                              (cfg.save_every_steps and step % cfg.save_every_steps == 0)):
+                save_last()
+            if interrupted:
+                stop_reason = f"stopped by {stop.describe()}: saved {cfg.out_dir}/last.pt; continue with --resume"
+            if stop_reason or end_of_epoch:
+                break
+    log.close()
+    stop.close()
+    say(f"batch shapes seen by the encoder: {len(shapes)} distinct")
+    if stop_reason:
+        say(stop_reason)
+    if rt.world > 1:
+        torch.distributed.barrier()
+    test_metrics = None
+    if not stop.signals and rt.master:
+        test_metrics = test_best(ctx, loader_args)
+    if rt.world > 1:
+        torch.distributed.destroy_process_group()
+    return test_metrics
 
 
-class Stop(Exception):
-    """A reason to stop the run early that the user should see as one line."""
+@dataclass
+class Run:
+    """What validation, checkpoints and the test pass need to know about the run."""
+    cfg: TrainConfig
+    rt: engine.Runtime
+    raw_model: torch.nn.Module       # unwrapped and uncompiled: what checkpoints hold
+    data_info: dict                  # the data record every checkpoint carries
+    tokenizer: object
+    progress: dict                   # step, epoch, batches_done, best, bad_evals
+    steps_per_epoch: int
+    say: object                      # print on the main process, nothing elsewhere
 
 
-# ----------------------------------------------------------------------------- set-up helpers
+# ----------------------------------------------------------------------------- set-up
 
-def setup_distributed():
-    """(rank, world_size, local_rank); initializes the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def lr_lambda(total_steps, warmup_steps):
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return f
+def check_config(cfg):
+    """Every flag checked before any work."""
+    for name in ("epochs", "batch_size", "grad_accum_steps", "log_every_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must be at least 1", f"e.g. --{name} "
+                            f"{getattr(TrainConfig, name)}")
+    for name in ("max_steps", "eval_every_steps", "save_every_steps", "early_stopping_patience",
+                 "num_workers", "chunks"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must be 0 or more", f"e.g. --{name} 0")
+    if cfg.lr <= 0 or cfg.clip <= 0 or not 0 <= cfg.warmup_ratio <= 1 or not 0 <= cfg.dropout < 1:
+        raise UserError(f"--lr {cfg.lr} --clip {cfg.clip} --warmup_ratio {cfg.warmup_ratio} --dropout "
+                        f"{cfg.dropout}: out of range", "lr and clip > 0, warmup_ratio in [0, 1], dropout in [0, 1)")
 
 
-def optimizer_step(model, optimizer, scheduler, scaler, clip):
-    """After backward: unscale (fp16), clip, step, update the scaler, zero grads, next lr."""
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+def start_or_resume(cfg, given, rt, say):
+    """(config, saved state or None). A new run needs an out_dir without an earlier run (or
+    --overwrite_output_dir, which deletes it); --resume takes the saved config, applies the flags
+    that may change, and refuses the ones that may not."""
+    last_path = os.path.join(cfg.out_dir, "last.pt")
+    if os.path.isfile(cfg.out_dir):
+        raise UserError(f"--out_dir {cfg.out_dir} is a file", "pass a folder path")
+    if not cfg.resume:
+        earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+        if earlier and not cfg.overwrite_output_dir:
+            raise UserError(f"{cfg.out_dir} holds an earlier run ({', '.join(earlier)})",
+                            "continue it with --resume, start over with --overwrite_output_dir, "
+                            "or pass another --out_dir")
+        if earlier and rt.master:
+            say(f"note: --overwrite_output_dir: deleting the earlier run in {cfg.out_dir} "
+                f"({', '.join(earlier)})")
+            for f in earlier:
+                path = os.path.join(cfg.out_dir, f)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if rt.world > 1:
+            torch.distributed.barrier()  # no process may see the old files after this
+        if rt.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        return cfg, None
+    if not os.path.exists(last_path):
+        raise UserError(f"--resume: {last_path} does not exist", "run without --resume to start, or "
+                        "pass the --out_dir of the run to continue")
+    state = load_checkpoint(last_path)
+    saved = state["train_config"]
+    refused = sorted(k for k in given if k not in RESUME_MAY_CHANGE and k in saved and getattr(cfg, k) != saved[k])
+    if refused:
+        raise UserError("--resume: " + ", ".join(f"--{k} {getattr(cfg, k)} differs from the saved run's "
+                                                 f"{saved[k]}" for k in refused),
+                        "drop these flags to continue the saved run, or start a new run in another --out_dir")
+    applied = sorted(k for k in given if k in RESUME_MAY_CHANGE and k != "resume" and k in saved
+                     and getattr(cfg, k) != saved[k])
+    resumed = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in applied},
+                             "out_dir": cfg.out_dir, "resume": True})
+    say(f"resuming {last_path} at step {state['step']} (its saved config"
+        + (", with " + ", ".join(f"--{k} {getattr(cfg, k)} (was {saved[k]})" for k in applied) if applied else "")
+        + ")")
+    return resumed, state
 
 
-def rng_state():
-    """Every RNG the run draws from, in types torch.load(weights_only=True) accepts."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                       "has_gauss": has_gauss, "gauss": gauss}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def data_fingerprint(manifest, data_dir):
+def data_record(manifest, data_dir):
+    """What a checkpoint records of its data: enough to tokenize new text the same way and to
+    recognize the folder."""
     return {"data_dir": os.path.abspath(data_dir), "fingerprint": fingerprint(manifest),
             "tokenizer": manifest["tokenizer"], "tokenizer_path": manifest["tokenizer_path"],
             "vocab_hash": manifest["vocab_hash"], "pad_token_id": manifest["pad_token_id"],
             "max_len": manifest["max_len"], "split_policy": manifest["split_policy"]}
 
 
-@torch.inference_mode()
-def predict_probs(model, loader, device, amp_dtype, n, world=1):
-    """Duplicate probability (n,) for every pair of the loader's split, streamed to the CPU batch by
-    batch; with DDP each rank does its shard and the shards are gathered. Also returns mean loss."""
-    model.eval()
-    probs = np.zeros(n, np.float32)
-    index, chunks, loss_sum = [], [], 0.0
-    for batch in loader:
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(batch)  # (B, 2)
-        if (batch["labels"] >= 0).all():
-            loss_sum += loss_fn(logits, batch["labels"]).item() * len(batch["labels"])
-        index.append(batch["index"].cpu().numpy())
-        chunks.append(logits.float().softmax(-1)[:, 1].cpu().numpy())
-    index, chunk_probs = np.concatenate(index), np.concatenate(chunks)
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (index, chunk_probs, loss_sum))
-        index = np.concatenate([g[0] for g in gathered])
-        chunk_probs = np.concatenate([g[1] for g in gathered])
-        loss_sum = sum(g[2] for g in gathered)  # includes the few pairs repeated to even out shards
-    probs[index] = chunk_probs
-    return probs, loss_sum / max(1, len(index))
+def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_steps, compile_mode, static, chunks):
+    """The start-of-run block: model, data, batch arithmetic, how it runs."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_step = cfg.batch_size * rt.world * cfg.grad_accum_steps
+    return "\n".join([
+        f"encoder {cfg.encoder} ({cfg.arch}, {cfg.pooling} pooling, {cfg.features} features, "
+        f"frozen={cfg.freeze_encoder}) | parameters {n_params:,} ({n_trainable:,} trainable)",
+        f"pairs: train {n_train:,} | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
+        f"batch {cfg.batch_size} per process x {rt.world} processes x {cfg.grad_accum_steps} accumulation = "
+        f"{per_step} pairs per step | {steps_per_epoch} steps per epoch | {total_steps} steps in all",
+        f"shapes {'static' if static else 'exact'} ({chunks} encoder calls per batch) | compile {compile_mode} | "
+        f"attention {rt.attention} | workers {cfg.num_workers}"])
+
+
+# ----------------------------------------------------------------------------- during the run
+
+class Log:
+    """Loss, speed and data wait since the last log line; a progress bar on a terminal, a
+    fixed-format line otherwise. write() is the one device-to-host sync of a log interval."""
+
+    def __init__(self, cfg, rt, total_steps, step, say):
+        self.cfg, self.rt, self.total_steps, self.say = cfg, rt, total_steps, say
+        self.bar = None
+        if rt.master and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+        self.last_step = step
+        self.reset()
+
+    def reset(self):
+        self.t0, self.pairs, self.data_wait = time.perf_counter(), 0, 0.0
+        self.loss_sum = torch.zeros((), device=self.rt.device)
+
+    def write(self, step, epoch, lr, last_batches):
+        loss_sum, = engine.all_sum([self.loss_sum.item()], self.rt)  # self.pairs counts all processes
+        mean_loss = loss_sum / max(self.pairs, 1)
+        if not math.isfinite(mean_loss):
+            shapes = [shapes_of(b) for b in last_batches]
+            raise UserError(f"non-finite loss ({mean_loss}) between steps {self.last_step + 1} and {step}, "
+                            f"lr {lr:.3g}, last batch shapes {shapes}", "lower --lr, or use --precision fp32")
+        seconds = time.perf_counter() - self.t0
+        rate, wait = self.pairs / seconds, self.data_wait / seconds
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", pairs_s=f"{rate:.0f}", epoch=epoch)
+            self.bar.update(step - self.last_step)
+        else:
+            left = (self.total_steps - step) * seconds / (step - self.last_step)
+            self.say(f"step {step:>6}/{self.total_steps} | epoch {epoch} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                     f"{rate:,.0f} pairs/s | data wait {wait:.0%} | eta {eta(left)}", flush=True)
+        self.last_step = step
+        self.reset()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def eta(seconds):
@@ -186,268 +361,84 @@ def eta(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# ----------------------------------------------------------------------------- main
-
-def main(argv=None):
-    cfg = parse_args(argv)
-    try:
-        train(cfg)
-    except (DataError, Stop, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def train(cfg):
-    rank, world, local_rank = setup_distributed()
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-
-    # --- resume: the saved config wins, so the continued run is the same run
-    last_path = os.path.join(cfg.out_dir, "last.pt")
-    state = None
-    if cfg.resume:
-        if not os.path.exists(last_path):
-            raise Stop(f"--resume: no {last_path} yet. Fix: run without --resume to start")
-        state = load_checkpoint(last_path)
-        cfg = TrainConfig(**{**state["train_config"], "resume": True})
-        say(f"resuming from {last_path} at step {state['step']} (its saved config is used)")
-    elif os.path.exists(last_path):
-        say(f"note: starting a new run in {cfg.out_dir}: its last.pt will be overwritten "
-            "(--resume continues it instead)")
-
-    # --- device and precision, decided once
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere+
-        torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = pick_precision(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-
-    # --- data
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    train_ds = PairDataset(cfg.data_dir, "train")
-    val_ds = PairDataset(cfg.data_dir, "validation")
-    test_ds = PairDataset(cfg.data_dir, "test")
-    manifest = train_ds.manifest
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise Stop(f"{cfg.data_dir}: the train or validation split is empty. Fix: re-run "
-                   "preprocess.py with --val_frac > 0")
-    data_info = data_fingerprint(manifest, cfg.data_dir)
-    if state is not None and state["data"]["fingerprint"] != data_info["fingerprint"]:
-        raise Stop(f"{cfg.data_dir} changed since {last_path} was written. Fix: restore the data "
-                   "folder, or start a new run in another --out_dir")
-    pin = device.type == "cuda"
-    loader_args = dict(num_workers=cfg.num_workers, pin_memory=pin, max_chunks=1 if cfg.compile else cfg.max_chunks,
-                       pad_multiple=16 if cfg.compile else 1)
-    train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.bs, shuffle=True, seed=cfg.seed,
-                                        num_replicas=world, rank=rank, **loader_args)
-    val_loader, _ = make_loader(val_ds, cfg.arch, cfg.bs * 2, shuffle=False, num_replicas=world,
-                                rank=rank, **loader_args)
-
-    # --- model; the tokenizer must be the one the data was made with
-    from preprocess import load_tokenizer, vocab_hash
-    model_cfg = ModelConfig(encoder=cfg.encoder, arch=cfg.arch, pooling=cfg.pooling, features=cfg.features,
-                            hidden=cfg.hidden, dropout=cfg.dropout, freeze_encoder=cfg.freeze_encoder,
-                            symmetric=cfg.symmetric)
-    tokenizer = load_tokenizer(cfg.encoder)
-    check_tokenizer(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
-    model = build_model(model_cfg).to(device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    raw_model = model  # unwrapped and uncompiled: what checkpoints hold
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    decay, no_decay = [], []
-    for name, p in raw_model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # no decay on biases, LayerNorm, PReLU
-    fused = device.type == "cuda"  # one kernel for the whole update instead of one per tensor
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=fused)
-    batches_per_epoch = len(sampler)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
-
-    step, best, bad_evals = 0, None, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, best, bad_evals = state["step"], state["best"], state["bad_evals"]
-        set_rng_state(state["rng"])
-
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    say(f"device {device} | precision {amp_dtype or 'fp32'} | processes {world} | "
-        f"encoder {cfg.encoder} ({cfg.arch}, {cfg.pooling} pooling, frozen={cfg.freeze_encoder})")
-    say(f"pairs: train {len(train_ds):,} | validation {len(val_ds):,} | test {len(test_ds):,} "
-        f"(split '{manifest['split_policy']}', {cfg.data_dir})")
-    say(f"batch {cfg.bs} per process x {world} processes x {cfg.grad_accum_steps} accumulation = "
-        f"{cfg.bs * world * cfg.grad_accum_steps} pairs per step | {steps_per_epoch} steps per epoch | "
-        f"{total_steps} steps in all | parameters {n_params:,} ({n_trainable:,} trainable)")
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master:
-        trim_metrics(metrics_path, step)  # drop lines a killed run wrote after its last checkpoint
-
-    def checkpoint(path, full):
-        ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.cfg),
-                "train_config": asdict(cfg), "data": data_info, "step": step, "best": best}
-        if full:
-            ckpt.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), bad_evals=bad_evals, rng=rng_state(),
-                        epoch=epoch, batches_done=batches_done)
-        save_checkpoint(path, ckpt)
-
-    def evaluate():
-        """Validation metrics; keeps ckpt.pt and hf/ at the best so far. True = stop early."""
-        nonlocal best, bad_evals
-        probs, val_loss = predict_probs(model, val_loader, device, amp_dtype, len(val_ds), world)
-        m = compute_metrics(val_ds.labels, probs)
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "val_loss": round(val_loss, 5),
+def validate(ctx, val_loader, val_ds):
+    """Validation metrics into metrics.jsonl; ckpt.pt and hf/ follow the best so far.
+    Returns True when early stopping says stop (the same answer on every process: all of them
+    score the gathered predictions). Scored by the uncompiled model: compiling its inference
+    graph too would cost more than the few seconds of validation it saves."""
+    cfg, progress = ctx.cfg, ctx.progress
+    ctx.raw_model.eval()
+    probs = engine.score(engine.probability(ctx.raw_model), val_loader, len(val_ds), ctx.rt, desc="validation",
+                         gather=True, verbose=False)
+    m = compute_metrics(val_ds.labels, probs)
+    value, best = m[cfg.metric_for_best], progress["best"]
+    improved = best is None or (value < best if cfg.metric_for_best in LOWER_IS_BETTER else value > best)
+    progress["best"], progress["bad_evals"] = (value, 0) if improved else (best, progress["bad_evals"] + 1)
+    if ctx.rt.master:
+        step = progress["step"]
+        record = {"step": step, "epoch": round(step / ctx.steps_per_epoch, 3), "val_loss": round(m["log_loss"], 5),
                   **{k: round(m[k], 5) for k in ("accuracy", "f1", "precision", "recall", "roc_auc",
                                                  "average_precision")}}
-        improved = best is None or m[cfg.metric_for_best] > best
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ctx.say(f"eval step {step}: val loss {m['log_loss']:.4f} | accuracy {m['accuracy']:.4f} | "
+                f"f1 {m['f1']:.4f} | auc {m['roc_auc']:.4f}{' | best so far' if improved else ''}", flush=True)
         if improved:
-            best, bad_evals = m[cfg.metric_for_best], 0
-        else:
-            bad_evals += 1
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            say(f"eval step {step}: val loss {val_loss:.4f} | accuracy {m['accuracy']:.4f} | f1 {m['f1']:.4f} | "
-                f"auc {m['roc_auc']:.4f}{' | best so far' if improved else ''}")
-            if improved:
-                checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), full=False)
-                raw_model.encoder.save_pretrained(os.path.join(cfg.out_dir, "hf"))
-                tokenizer.save_pretrained(os.path.join(cfg.out_dir, "hf"))
-        model.train()
-        return cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience
-
-    # Ctrl-C / SIGTERM: finish the current step, save last.pt, exit cleanly.
-    interrupted = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: interrupted.append(signum))
-
-    # --- the loop
-    epoch, batches_done = (state["epoch"], state["batches_done"]) if state is not None else (0, 0)
-    show_bar = master and sys.stderr.isatty()
-    bar = None
-    if show_bar:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
-    model.train()
-    t_last, pairs_since, loss_since, steps_since = time.time(), 0, torch.zeros((), device=device), 0
-    stop_reason = None
-    while step < total_steps and stop_reason is None:
-        sampler.set_epoch(epoch, start_batch=batches_done)
-        batches = iter(train_loader)
-        # With DDP, ranks may hold unequal slices of the last global batch; weighting each rank's
-        # mean loss by its share makes DDP's gradient average the mean over the global batch.
-        global_sizes = sampler.global_sizes(epoch) if world > 1 else None
-        while batches_done < batches_per_epoch and step < total_steps:
-            # One optimizer step over up to grad_accum_steps micro-batches (fewer at the epoch end;
-            # the loss is divided by the real count so every step averages its pairs' losses).
-            n_micro = min(cfg.grad_accum_steps, batches_per_epoch - batches_done)
-            shapes = []
-            for micro in range(n_micro):
-                batch = to_device(next(batches), device)
-                shapes.append(tuple(t.shape[1] for t in batch.get("q_ids", [batch.get("input_ids")])))
-                sync = micro == n_micro - 1 or world == 1
-                with (nullcontext() if sync else model.no_sync()), autocast():
-                    logits = model(batch)  # (B, 2)
-                    loss = loss_fn(logits, batch["labels"]) / n_micro
-                    if world > 1:
-                        loss = loss * len(batch["labels"]) * world / global_sizes[batches_done + micro]
-                scaler.scale(loss).backward()
-                loss_since += loss.detach()
-                pairs_since += len(batch["labels"]) * world
-            optimizer_step(raw_model, optimizer, scheduler, scaler, cfg.clip)
-            step += 1
-            steps_since += 1
-            batches_done += n_micro
-
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                mean_loss = loss_since.item() / steps_since  # the one sync point per log interval
-                if not math.isfinite(mean_loss):
-                    raise Stop(f"non-finite loss ({mean_loss}) between steps {step - steps_since + 1} and "
-                               f"{step}, lr {scheduler.get_last_lr()[0]:.3g}, last batch lengths {shapes}. "
-                               "Fix: lower --lr, or use --precision fp32")
-                now = time.time()
-                rate = pairs_since / (now - t_last)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", pairs_s=f"{rate:.0f}", epoch=epoch)
-                    bar.update(steps_since)
-                else:
-                    left = (total_steps - step) * cfg.bs * world * cfg.grad_accum_steps / max(rate, 1e-9)
-                    say(f"step {step:>6}/{total_steps} | epoch {epoch} | loss {mean_loss:.4f} | "
-                        f"lr {scheduler.get_last_lr()[0]:.2e} | {rate:,.0f} pairs/s | eta {eta(left)}", flush=True)
-                t_last, pairs_since, loss_since, steps_since = now, 0, torch.zeros((), device=device), 0
-
-            end_of_epoch = batches_done == batches_per_epoch
-            if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or (
-                    not cfg.eval_every_steps and end_of_epoch) or step == total_steps:
-                if evaluate():
-                    stop_reason = f"early stopping: no better {cfg.metric_for_best} for " \
-                                  f"{cfg.early_stopping_patience} evaluations"
-            if end_of_epoch:
-                epoch, batches_done = epoch + 1, 0
-            saving = (cfg.save_every_steps and step % cfg.save_every_steps == 0) or interrupted or \
-                stop_reason or step == total_steps or end_of_epoch or \
-                (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
-            if saving and master:
-                checkpoint(last_path, full=True)
-            if interrupted:
-                stop_reason = f"interrupted by signal {interrupted[0]}: saved {last_path}; continue with --resume"
-            if stop_reason:
-                break
-            if end_of_epoch:
-                break
-    if bar is not None:
-        bar.close()
-    if stop_reason:
-        say(stop_reason)
-    if world > 1:
-        torch.distributed.barrier()
-    if interrupted:
-        return None
-
-    # --- the best checkpoint on the test split, in the notebook's format
-    test_metrics = None
-    if master and len(test_ds):
-        best_model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))).to(device)
-        test_loader, _ = make_loader(test_ds, cfg.arch, cfg.bs * 2, shuffle=False, **loader_args)
-        probs, _ = predict_probs(best_model, test_loader, device, amp_dtype, len(test_ds))
-        test_metrics = compute_metrics(test_ds.labels, probs)
-        say(format_report(test_metrics, f"Evaluating the best checkpoint ({cfg.out_dir}/ckpt.pt) on the test split"))
-        with open(os.path.join(cfg.out_dir, "test_results.json"), "w") as f:
-            json.dump(test_metrics, f, indent=1)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return test_metrics
+            save_run(ctx, "ckpt.pt")
+            export_hf(ctx.raw_model, ctx.tokenizer, os.path.join(cfg.out_dir, "hf"))
+    return bool(cfg.early_stopping_patience) and progress["bad_evals"] >= cfg.early_stopping_patience
 
 
-def trim_metrics(path, step):
+def save_run(ctx, name, **full_state):
+    """A checkpoint of the unwrapped, uncompiled model; full_state adds what --resume needs."""
+    save_checkpoint(os.path.join(ctx.cfg.out_dir, name), {
+        "model": ctx.raw_model.state_dict(), "model_config": asdict(ctx.raw_model.cfg),
+        "train_config": asdict(ctx.cfg), "data": ctx.data_info, **ctx.progress, **full_state})
+
+
+def export_hf(raw_model, tokenizer, folder):
+    """The encoder and tokenizer for other tools (transformers, sentence-transformers)."""
+    raw_model.encoder.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def trim_metrics(path, step, say):
+    """Keep the metrics lines up to `step` (a killed run may have written more after its last
+    checkpoint); a torn last line (killed mid-write) is dropped with a note."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= step]
+        lines = f.readlines()
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                say(f"note: {path}: dropped its unreadable last line (the run was killed while writing it)")
+                continue
+            raise UserError(f"{path}: line {i + 1} is not JSON", f"delete that line from {path}") from None
+        if record["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+def test_best(ctx, loader_args):
+    """The best checkpoint on the test split, in the notebook's format; test_results.json."""
+    cfg = ctx.cfg
+    test_ds = PairDataset(cfg.data_dir, "test")
+    if len(test_ds) == 0:
+        return None
+    best = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))).to(ctx.rt.device).eval()
+    loader, _ = make_loader(test_ds, cfg.arch, 2 * cfg.batch_size, shuffle=False,
+                            **{**loader_args, "num_replicas": 1, "rank": 0})
+    probs = engine.score(engine.probability(best), loader, len(test_ds), ctx.rt, desc="test", verbose=False)
+    test_metrics = compute_metrics(test_ds.labels, probs)
+    ctx.say(format_report(test_metrics, f"Evaluating the best checkpoint ({cfg.out_dir}/ckpt.pt) on the test split"))
+    with open(os.path.join(cfg.out_dir, "test_results.json"), "w") as f:
+        json.dump(test_metrics, f, indent=1)
+    return test_metrics
 
 
 if __name__ == "__main__":

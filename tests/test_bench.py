@@ -1,6 +1,6 @@
-"""bench.py end to end on tiny settings: every stage runs and reports; no timing is asserted."""
+"""bench.py end to end on tiny settings: every stage runs, times what training runs, and reports
+numbers that follow from what it measured; no timing is asserted. reference.py's loops."""
 import json
-import math
 import random
 
 import numpy as np
@@ -8,17 +8,29 @@ import pytest
 import torch
 
 import bench
+import engine
+import reference
 from conftest import TINY_BERT
+from data import PairDataset, make_loader, padding_stats
 from model import ModelConfig, build_model
 
+TINY = ["--data_batches", "4", "--batch_size", "16", "--warmup_steps", "1", "--train_steps", "2",
+        "--infer_pairs", "48"]
 
-def test_every_stage_reports_positive_ratios(tmp_path, pairs_csv, tiny_bert_dir):
-    """All six stages on 400 synthetic pairs and a tiny random BERT; 'gpu' named explicitly, so
-    on a machine without CUDA it runs as a CPU smoke check of its code."""
+
+def test_every_stage_runs_and_reports_what_it_measured(tmp_path, pairs_csv, tiny_bert_dir, monkeypatch):
+    """All six stages on 400 synthetic pairs and a tiny random BERT ('gpu' named explicitly, so
+    without CUDA it runs as a CPU smoke check of its code)."""
+    steps, real_step = [], engine.train_step
+
+    def spy(*args, **kwargs):  # ours must be train.py's own step
+        steps.append(len(args[1]))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", spy)
     out = tmp_path / "bench.json"
-    bench.main(["--stages", "preprocess,data,padding,train,infer,gpu", "--model", tiny_bert_dir,
-                "--data", pairs_csv, "--rows", "1000", "--batch_size", "16", "--warmup_steps", "1",
-                "--train_steps", "2", "--data_batches", "4", "--infer_pairs", "48", "--out", str(out)])
+    bench.main(["--stages", "preprocess,data,padding,train,infer,gpu", "--encoder", tiny_bert_dir,
+                "--data", pairs_csv, "--rows", "1000", *TINY, "--out", str(out)])
     report = json.loads(out.read_text())
     assert set(report["stages"]) == set(bench.STAGES)
     for key in ("cpu", "cpu_cores", "memory_gb"):
@@ -26,30 +38,55 @@ def test_every_stage_reports_positive_ratios(tmp_path, pairs_csv, tiny_bert_dir)
     for key in ("python", "torch", "transformers", "tokenizers"):
         assert report["versions"][key]
     assert report["settings"]["batch_size"] == 16 and report["date"]
-    for name, stage in report["stages"].items():
-        assert isinstance(stage["ratio"], float) and math.isfinite(stage["ratio"]) and stage["ratio"] > 0, name
-        assert stage["rows"], name
+    assert len(report["table"]) == sum(len(s["rows"]) for s in report["stages"].values())
+
     assert report["stages"]["preprocess"]["ours"]["rows_read"] == 1000
     train = report["stages"]["train"]
-    assert train["ours"]["pairs"] == train["notebook"]["pairs"] == 2 * 16  # the same pairs, both sides
-    assert 0 < report["stages"]["padding"]["ours"]["efficiency"] <= 1
-    assert len(report["table"]) == sum(len(s["rows"]) for s in report["stages"].values())
+    assert steps == [1] * (1 + 2)  # warm-up + timed steps, one micro-batch each, through engine.train_step
+    assert train["ours"]["pairs"] == train["notebook"]["pairs"] == train["peer"]["pairs"] == 2 * 16
+    for side in ("ours", "notebook", "peer"):
+        s = train[side]
+        assert s["pairs_per_sec"] == pytest.approx(s["pairs"] / s["seconds"])
+        assert np.isfinite(s["mean_loss"]) and 0 < s["mean_loss"] < 5
+    assert train["ratio"] == pytest.approx(train["ours"]["pairs_per_sec"] / train["notebook"]["pairs_per_sec"])
+    assert train["ratio_vs_peer"] == pytest.approx(train["ours"]["pairs_per_sec"] / train["peer"]["pairs_per_sec"])
+
+    # Ours' padding is what make_loader gives on this device (exact on the CPU), recomputed here.
+    padding = report["stages"]["padding"]
+    assert padding["ours"]["shapes"] == ("static" if torch.cuda.is_available() else "exact")
+    assert padding["ours"]["real_tokens"] <= padding["ours"]["padded_tokens"]
+    assert padding["ratio"] == pytest.approx(padding["ours"]["efficiency"] / padding["notebook"]["efficiency"])
+    gpu = report["stages"]["gpu"]
+    assert gpu["smoke_check_on"] == ("cpu" if not torch.cuda.is_available() else None)
+    assert 0 < gpu["ours"]["mfu"] and gpu["ours"]["distinct_shapes"] >= 1
+
+
+def test_padding_stage_matches_the_loader(tmp_path, tiny_data):
+    """bench's padding number for ours is the loader's own: sum of padding_stats over an epoch."""
+    ds = PairDataset(tiny_data, "train")
+    loader, _ = make_loader(ds, "siamese", 16, shuffle=True)
+    real, padded = map(sum, zip(*(padding_stats(b) for b in loader)))
+    static_loader, _ = make_loader(ds, "siamese", 16, shuffle=True, static_shapes=True, chunks=4)
+    s_real, s_padded = map(sum, zip(*(padding_stats(b) for b in static_loader)))
+    assert s_real == real  # the same real tokens, fill pairs not counted ...
+    assert s_padded > padded  # ... in more padded ones: the price of fixed shapes
 
 
 def test_gpu_stage_is_skipped_without_cuda_unless_named(tmp_path, pairs_csv, tiny_bert_dir):
     if torch.cuda.is_available():
         pytest.skip("CUDA is here: the gpu stage runs for real")
     out = tmp_path / "bench.json"
-    bench.main(["--stages", "all", "--model", tiny_bert_dir, "--data", pairs_csv, "--rows", "500",
-                "--batch_size", "16", "--warmup_steps", "1", "--train_steps", "1", "--data_batches", "2",
-                "--infer_pairs", "16", "--out", str(out)])
-    gpu = json.loads(out.read_text())["stages"]["gpu"]
-    assert "not yet measured" in gpu["skipped"]
+    bench.main(["--stages", "all", "--encoder", tiny_bert_dir, "--data", pairs_csv, "--rows", "500", *TINY,
+                "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["stages"]["gpu"]["skipped"] == "not measured: no CUDA device here"
 
 
-def test_unknown_stage_is_an_error():
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--stages", "train,warp"])
+def test_unknown_stage_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--stages", "train,warp"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --stages: unknown warp")
 
 
 def test_notebook_model_normalizes_over_the_batch():
@@ -57,7 +94,7 @@ def test_notebook_model_normalizes_over_the_batch():
     over the batch, not each row over the classes."""
     torch.manual_seed(0)
     encoder = build_model(ModelConfig(encoder_config=TINY_BERT)).encoder
-    model = bench.NotebookModel(encoder, torch.device("cpu"))
+    model = reference.NotebookModel(encoder, torch.device("cpu"))
     ids = torch.randint(1000, 2000, (5, 7))
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     log_probs = model.forward(enc, enc, train=False)
@@ -67,7 +104,17 @@ def test_notebook_model_normalizes_over_the_batch():
 
 def test_shuffle_data_keeps_pairs_together():
     random.seed(0)
-    a, b, y = bench.shuffle_data(list("abcdef"), list("ABCDEF"), [0, 1, 0, 1, 0, 1])
+    a, b, y = reference.shuffle_data(list("abcdef"), list("ABCDEF"), [0, 1, 0, 1, 0, 1])
     assert sorted(a) == list("abcdef") and [x.upper() for x in a] == b
     assert y == ["abcdef".index(x) % 2 for x in a]
-    assert np.array_equal(sorted(y), [0, 0, 0, 1, 1, 1])
+
+
+def test_peer_groups_by_length_like_hf():
+    """HF's LengthGroupedSampler: every index once; within each megabatch of 50 batches, lengths
+    descend; the longest batch comes first."""
+    lengths = list(np.random.default_rng(0).integers(3, 60, 1000))
+    batches = reference.group_by_length(lengths, 8, seed=1, megabatch_mult=5)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert max(lengths[i] for i in batches[0]) == max(lengths)
+    flat = [i for b in batches[1:] for i in b]
+    assert sum(lengths[a] < lengths[b] for a, b in zip(flat, flat[1:])) <= 1000 // 40 + 2  # only at megabatch edges

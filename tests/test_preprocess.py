@@ -20,9 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import data
 import preprocess
+import text
+from cli import UserError
 from conftest import REAL_8K, ROOT, needs_real_data, synthetic_rows, write_csv
-from data import FORMAT_VERSION, SPLITS, DataError
+from data import FORMAT_VERSION, SPLITS
 
 KAGGLE_HEADER = ("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
 SPLIT_PAIRS = list(itertools.combinations(SPLITS, 2))
@@ -80,13 +83,13 @@ def source_pairs(rows):
 def index_texts(src, out, tok, max_len):
     """The source text of each question index of a folder. Indices follow first appearance by qid
     (question1 column, then question2); re-tokenizing must give the folder's arrays exactly."""
-    pairs, _, _ = preprocess.read_pairs(src)
+    pairs, _, _ = text.read_pairs(src)
     first = {}
     for keys, texts in ((pairs["qid1"], pairs["q1"]), (pairs["qid2"], pairs["q2"])):
-        for key, text in zip(keys, texts):
-            first.setdefault(key, text)
+        for key, question in zip(keys, texts):
+            first.setdefault(key, question)
     texts = list(first.values())
-    tokens, offsets, _ = preprocess.tokenize(tok, texts, max_len)
+    tokens, offsets, *_ = text.tokenize(tok, texts, max_len)
     folder_tokens, folder_offsets = load_tokens(out)
     assert np.array_equal(offsets, folder_offsets) and np.array_equal(tokens, folder_tokens), \
         "cannot map question indices back to texts (did the index order change?)"
@@ -119,7 +122,7 @@ def generic_csv(path, pairs):
 
 @pytest.fixture(scope="module")
 def tok():
-    return preprocess.load_tokenizer(preprocess.PreprocessConfig.model)
+    return text.load_tokenizer(preprocess.PreprocessConfig.encoder)
 
 
 # ----------------------------------------------------------------------------- reading formats
@@ -150,7 +153,7 @@ def test_read_pairs_formats(tmp_path, name):
     CRLF line ends, all give the same pairs, texts verbatim."""
     path = tmp_path / name
     path.write_bytes(FORMATS[name])
-    pairs, rejects, rows_read = preprocess.read_pairs(str(path))
+    pairs, rejects, rows_read = text.read_pairs(str(path))
     assert (rejects, rows_read) == ([], len(PAIRS))
     assert pairs["q1"] == [p[2] for p in PAIRS]
     assert pairs["q2"] == [p[3] for p in PAIRS]
@@ -194,10 +197,10 @@ def make_bad_input(folder, kind):
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
 def test_bad_input_is_one_line_data_error(tmp_path, kind):
-    """Each unusable file raises DataError: one line, naming the file, saying how to fix it."""
+    """Each unusable file raises UserError: one line, naming the file, saying how to fix it."""
     path = make_bad_input(tmp_path, kind)
-    with pytest.raises(DataError) as e:
-        preprocess.read_pairs(path)
+    with pytest.raises(UserError) as e:
+        text.read_pairs(path)
     message = str(e.value)
     assert path in message and "Fix" in message and BAD_INPUTS[kind][1] in message
     assert "\n" not in message
@@ -206,8 +209,8 @@ def test_bad_input_is_one_line_data_error(tmp_path, kind):
 def test_undecodable_bytes_error_names_their_line(tmp_path):
     """The UTF-8 error points at the line that holds the bad byte (line 3 here)."""
     path = make_bad_input(tmp_path, "latin1_bytes")
-    with pytest.raises(DataError) as e:
-        preprocess.read_pairs(path)
+    with pytest.raises(UserError) as e:
+        text.read_pairs(path)
     assert "line 3" in str(e.value) or "row 2" in str(e.value)
 
 
@@ -232,7 +235,7 @@ def cli_results(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", CLI_CASES)
 def test_cli_bad_input_exits_2_with_one_error_line(cli_results, kind):
-    """The script turns a DataError into exit code 2 and a single 'error: ...' line, no traceback."""
+    """The script turns a UserError into exit code 2 and a single 'error: ...' line, no traceback."""
     code, out, err = cli_results[kind]
     assert code == 2, err
     lines = err.splitlines()
@@ -275,8 +278,8 @@ def test_stray_quote_does_not_swallow_later_rows(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text(HEADER_LINE + GOOD_ROW + '1,3,4,"Why is this open,Who knows?,0\n' + GOOD_ROW * 3)
     try:
-        pairs, rejects, rows_read = preprocess.read_pairs(str(path))
-    except DataError as e:
+        pairs, rejects, rows_read = text.read_pairs(str(path))
+    except UserError as e:
         assert "line 3" in str(e)
     else:
         assert (rows_read, len(pairs["q1"]), [r[0] for r in rejects]) == (5, 4, [2])
@@ -289,8 +292,8 @@ def rows_with_text_variants(n):
     in other case and spacing: the split must keep such twins together by normalized text."""
     rows = synthetic_rows(n)
     qid = max(max(r[1], r[2]) for r in rows)
-    for k, text in enumerate(list(dict.fromkeys(r[3] for r in rows))[:20]):
-        twin = "  " + text.upper().replace(" ", "  ")
+    for k, question in enumerate(list(dict.fromkeys(r[3] for r in rows))[:20]):
+        twin = "  " + question.upper().replace(" ", "  ")
         rows.append([n + k, qid + 2 * k + 1, qid + 2 * k + 2, twin, f"Unrelated question number {k}?", 0])
     return rows
 
@@ -301,14 +304,14 @@ def kaggle(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kaggle")
     rows = rows_with_text_variants(400)
     src = write_csv(folder / "pairs.csv", rows)
-    tokenized, real_tokenize = [], preprocess.tokenize
+    tokenized, real_tokenize = [], text.tokenize
 
     def spy(tok, texts, max_len, *args, **kwargs):
         tokenized.extend(texts)
         return real_tokenize(tok, texts, max_len, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(preprocess, "tokenize", spy)
+        mp.setattr(text, "tokenize", spy)
         manifest = run(src, folder / "prep", "--max_len", 32)
     return SimpleNamespace(rows=rows, src=src, out=str(folder / "prep"), manifest=manifest,
                            tokenized=tokenized)
@@ -319,7 +322,7 @@ def test_manifest_describes_the_arrays(kaggle, tok):
     with the tokenizer, the source file and the arrays written next to it."""
     m = kaggle.manifest
     assert m["format_version"] == FORMAT_VERSION
-    assert m["vocab_hash"] == preprocess.vocab_hash(tok)
+    assert m["vocab_hash"] == text.vocab_hash(tok)
     assert (m["max_len"], m["split_policy"], m["transitive"]) == (32, "questions", False)
     with open(kaggle.src, "rb") as f:
         assert m["source_sha256"] == hashlib.sha256(f.read()).hexdigest()
@@ -491,7 +494,7 @@ def _rewrite_input(b):
 CHANGES = {  # name: (options after the change, given the fixture; manifest check)
     "max_len": (lambda b: ["--max_len", 24], lambda m, b: m["max_len"] == 24),
     "seed": (lambda b: ["--max_len", 32, "--seed", 1], lambda m, b: m["seed"] == 1),
-    "input": (_rewrite_input, lambda m, b: m["source_sha256"] == preprocess.file_sha256(b.src)),
+    "input": (_rewrite_input, lambda m, b: m["source_sha256"] == data.file_sha256(b.src)),
     "force": (lambda b: ["--max_len", 32, "--force"], lambda m, b: True),
 }
 

@@ -1,5 +1,7 @@
 """model.py and train.py on tiny random encoders: learning, checkpoints, exact resume, DDP."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,11 +10,10 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_BERT, TINY_DISTILBERT, save_tiny_encoder
+import engine
 import train
-from data import Collator, PairDataset
-from model import (ModelConfig, build_model, load_checkpoint, loss_fn, model_from_checkpoint,
-                   save_checkpoint)
+from conftest import ROOT, TINY_BERT, save_tiny_encoder
+from model import load_checkpoint
 
 FAST = ["--epochs", "2", "--bs", "16", "--num_workers", "0", "--log_every_steps", "5", "--lr", "1e-3"]
 
@@ -23,6 +24,17 @@ def run_train(args, **kw):
                           timeout=300, **kw)
 
 
+def train_here(args, capsys):
+    """train.main in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    try:
+        train.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def final_weights(out_dir):
     return torch.load(os.path.join(out_dir, "last.pt"), map_location="cpu", weights_only=True)["model"]
 
@@ -31,86 +43,6 @@ def assert_same_weights(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=k)
-
-
-def first_batch(data_dir, layout, n=16):
-    ds = PairDataset(data_dir, "train")
-    return Collator(layout, ds.manifest["pad_token_id"])([ds[i] for i in range(n)])
-
-
-def test_overfit_one_batch(tiny_data):
-    """The model and loss can drive one batch to zero loss: gradients reach every layer."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder_config=TINY_BERT, dropout=0.0))
-    batch = first_batch(tiny_data, "siamese")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = loss_fn(model(batch), batch["labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    assert loss.item() < 0.05
-    assert (model(batch).argmax(-1) == batch["labels"]).all()
-
-
-def test_loss_is_over_classes_not_batch():
-    """The notebook's LogSoftmax(dim=0) made one example's loss depend on the others; ours doesn't."""
-    logits = torch.randn(4, 2)
-    labels = torch.tensor([0, 1, 1, 0])
-    alone = torch.stack([loss_fn(logits[i:i + 1], labels[i:i + 1]) for i in range(4)]).mean()
-    torch.testing.assert_close(loss_fn(logits, labels), alone)
-
-
-@pytest.mark.parametrize("encoder", [TINY_BERT, TINY_DISTILBERT], ids=["bert", "distilbert"])
-@pytest.mark.parametrize("arch", ["siamese", "cross"])
-def test_architectures_and_encoder_families_learn(tiny_data, encoder, arch):
-    """Both architectures on both encoder families (DistilBERT has no token types) take steps
-    that lower the loss on a fixed batch."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder_config=encoder, arch=arch, dropout=0.0, pooling="mean",
-                                    features="rich"))
-    batch = first_batch(tiny_data, arch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(8):
-        loss = loss_fn(model(batch), batch["labels"])
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert losses[-1] < losses[0]
-
-
-def test_frozen_encoder_gets_no_updates(tiny_data):
-    model = build_model(ModelConfig(encoder_config=TINY_BERT, freeze_encoder=True))
-    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    head_before = [p.clone() for p in model.head.parameters()]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = first_batch(tiny_data, "siamese")
-    model.train()
-    assert not model.encoder.training  # frozen encoder keeps dropout off too
-    for _ in range(3):
-        loss = loss_fn(model(batch), batch["labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert all(p.grad is None for p in model.encoder.parameters())
-    assert_same_weights(before, model.encoder.state_dict())
-    assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
-
-
-def test_checkpoint_round_trip_weights_only(tmp_path, tiny_data):
-    """Saved with the config, loaded with weights_only=True, rebuilt without any pretrained files."""
-    model = build_model(ModelConfig(encoder_config=TINY_DISTILBERT, arch="cross")).eval()
-    path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.cfg.__dict__})
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    rebuilt = model_from_checkpoint(load_checkpoint(path)).eval()
-    assert_same_weights(raw["model"], rebuilt.state_dict())
-    batch = first_batch(tiny_data, "cross", n=8)
-    torch.testing.assert_close(model(batch), rebuilt(batch))
-    assert not os.path.exists(path + ".tmp")  # written atomically
 
 
 def test_train_script_end_to_end(tmp_path, tiny_data, tiny_bert_dir):
@@ -202,36 +134,165 @@ def test_ddp_two_processes_match_single_process(tmp_path, tiny_data):
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_data, tiny_bert_dir, monkeypatch, capsys):
-    monkeypatch.setattr(train, "loss_fn", lambda logits, labels: (logits.sum() * float("nan")))
+    monkeypatch.setattr(engine, "pair_loss", lambda logits, labels: (logits.sum() * float("nan")))
     with pytest.raises(SystemExit) as e:
         train.main(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir",
                     str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: non-finite loss") and "lr" in err and "batch lengths" in err
+    assert err.startswith("error: non-finite loss") and "lr" in err and "batch shapes" in err
     assert "\n" not in err
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--data_dir", "/nonexistent"], "preprocess.py"),
-    (["--resume"], "no "),
+    (["--data_dir", "/nonexistent"], "error: /nonexistent: no manifest.json, so not a folder preprocess.py wrote"),
+    (["--resume"], "/last.pt does not exist. Fix: run without --resume"),
+    (["--bs", "0"], "error: --batch_size 0: must be at least 1"),
+    (["--grad_accum_steps", "0"], "error: --grad_accum_steps 0: must be at least 1"),
+    (["--device", "nonsense"], "error: --device nonsense: not a device"),
+    (["--encoder", "/no/such/model"], "omit --encoder to use the bundled offline"),
 ])
-def test_bad_inputs_give_one_line_errors(tmp_path, args, message):
-    r = run_train([*args, "--out_dir", str(tmp_path / "out")])
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error:") and message in r.stderr
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_data, args, message, capsys):
+    if args[0] != "--data_dir":
+        args = ["--data_dir", tiny_data, *args]
+    code, _, err = train_here([*args, "--out_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error:") and message in err and "Fix:" in err, err
 
 
-def test_symmetric_siamese_ignores_question_order(tiny_data):
-    """--symmetric: p(q1, q2) == p(q2, q1); without it the head sees an ordered pair."""
-    ds = PairDataset(tiny_data, "train")
-    items = [ds[i] for i in range(8)]
-    swapped = [(i, b, a, y) for i, a, b, y in items]
-    collate = Collator("siamese", ds.manifest["pad_token_id"])
-    for symmetric in (True, False):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(encoder_config=TINY_BERT, symmetric=symmetric)).eval()
-        with torch.no_grad():
-            same = torch.allclose(model(collate(items)), model(collate(swapped)), atol=1e-5)
-        assert same == symmetric
+def test_a_bad_input_in_a_real_process_is_one_line(tmp_path):
+    r = run_train(["--data_dir", str(tmp_path / "none"), "--out_dir", str(tmp_path / "out")])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", [["--precision", "foo"], ["--metric_for_best", "foo"], ["--arch", "x"],
+                                  ["--no_such_flag", "1"]])
+def test_bad_flags_are_refused_before_any_work(flag):
+    """Choices are enforced by the parser: exit 2 at once, not at the first evaluation."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(train.TrainConfig, flag)
+    assert e.value.code == 2
+
+
+def test_booleans_can_be_turned_off_and_help_shows_field_comments(capsys):
+    cfg = train.parse_config(train.TrainConfig, ["--freeze_encoder", "--symmetric", "false"])
+    assert cfg.freeze_encoder is True and cfg.symmetric is False
+    with pytest.raises(SystemExit):
+        train.parse_config(train.TrainConfig, ["--help"], train.__doc__)
+    shown = capsys.readouterr().out
+    assert "pairs per micro-batch per process" in shown and "--bs" in shown and "{siamese,cross}" in shown
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_continues_the_folder_given_and_checks_flags(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """--resume continues the run in the --out_dir given (a copied run folder stays apart from its
+    original), refuses a flag that would change what the run computes, and applies more --epochs,
+    saying so."""
+    first = str(tmp_path / "first")
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST]
+    assert train_here([*common, "--epochs", "1", "--out_dir", first], capsys)[0] == 0
+    copy = str(tmp_path / "copy")
+    shutil.copytree(first, copy)
+    before = os.path.getmtime(os.path.join(first, "last.pt"))
+
+    code, _, err = train_here(["--out_dir", copy, "--resume", "--lr", "5e-4"], capsys)
+    assert code == 2 and "--lr 0.0005 differs from the saved run's 0.001" in err, err
+
+    code, out, err = train_here(["--out_dir", copy, "--resume", "--epochs", "2"], capsys)
+    assert code == 0, err[-2000:]
+    assert "--epochs 2 (was 1)" in out
+    assert load_checkpoint(os.path.join(copy, "last.pt"))["train_config"]["epochs"] == 2
+    assert [m["epoch"] for m in read_metrics(copy)] == [1.0, 2.0]
+    assert os.path.getmtime(os.path.join(first, "last.pt")) == before  # the original is untouched
+    assert len(read_metrics(first)) == 1
+
+
+def test_a_new_run_never_mixes_with_an_old_one(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """An out_dir holding a run is refused without --overwrite_output_dir; with it, the old files
+    go and --epochs 0 ... reports nothing of the old run."""
+    out = str(tmp_path / "out")
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", out]
+    assert train_here([*common, "--epochs", "1"], capsys)[0] == 0
+    code, _, err = train_here([*common, "--epochs", "1"], capsys)
+    assert code == 2 and "holds an earlier run" in err and "--overwrite_output_dir" in err
+    assert len(read_metrics(out)) == 1
+    code, _, err = train_here([*common, "--epochs", "1", "--max_steps", "3", "--overwrite_output_dir"], capsys)
+    assert code == 0, err[-2000:]
+    assert [m["step"] for m in read_metrics(out)] == [3]
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3
+
+
+def test_early_stopping_and_a_loss_like_metric(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """With a learning rate too small to change anything measurable, validation never improves
+    after the first evaluation: patience 2 stops the run after 3 evaluations. log_loss as the
+    metric for the best checkpoint is minimized: ckpt.pt is at the lowest validation loss."""
+    out = str(tmp_path / "stop")
+    code, stdout, err = train_here(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--epochs", "20",
+                                    "--lr", "1e-12", "--eval_every_steps", "2", "--early_stopping_patience", "2",
+                                    "--out_dir", out], capsys)
+    assert code == 0, err[-2000:]
+    assert "early stopping: no better accuracy for 2 evaluations" in stdout
+    assert [m["step"] for m in read_metrics(out)] == [2, 4, 6]
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 6
+
+    out = str(tmp_path / "loss")
+    code, _, err = train_here(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--eval_every_steps", "3",
+                               "--metric_for_best", "log_loss", "--out_dir", out], capsys)
+    assert code == 0, err[-2000:]
+    metrics = read_metrics(out)
+    best = min(metrics, key=lambda m: m["val_loss"])
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == best["step"]
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """A kill in the middle of writing metrics.jsonl leaves half a line: --resume drops it with a note."""
+    out = str(tmp_path / "out")
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", out]
+    assert train_here([*common, "--epochs", "1"], capsys)[0] == 0
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 99, "epo')
+    code, stdout, err = train_here(["--out_dir", out, "--resume", "--epochs", "2"], capsys)
+    assert code == 0, err[-2000:]
+    assert "dropped its unreadable last line" in stdout
+    assert [m["epoch"] for m in read_metrics(out)] == [1.0, 2.0]
+
+
+def test_ddp_processes_agree_on_stopping(tmp_path, tiny_data, tiny_bert_dir):
+    """SIGTERM to one of two torchrun processes: both leave the loop after the same step, save once
+    and exit cleanly (a process leaving alone would hang the other in its next all-reduce)."""
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29519", "train.py", "--data_dir", tiny_data, "--encoder",
+                             tiny_bert_dir, *FAST, "--epochs", "100", "--bs", "8", "--out_dir", out],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline and not os.path.exists(os.path.join(out, "metrics.jsonl")):
+        time.sleep(0.2)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGTERM)  # one worker only
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "continue with --resume" in stdout
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] > 0
+
+
+def worker_pids(parent):
+    """The train.py processes torchrun started (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and "train.py" in cmd:
+            pids.append(int(entry))
+    return sorted(pids)

@@ -1,0 +1,76 @@
+"""What every script shares on the command line: one config dataclass whose fields are the flags,
+and one way to report a problem the user can fix.
+
+    @dataclass
+    class Config:
+        data_dir: str = arg("data/qqp", "folder written by preprocess.py")
+        batch_size: int = arg(128, "pairs per batch", aliases=["--bs"])
+    cfg = parse_config(Config, argv, __doc__)
+
+Flags are named like the fields (transformers' HfArgumentParser): `--help` shows each field's
+help and default, Literal fields take only their choices, booleans switch on with `--flag` and off
+with `--flag false` (or `--no_flag` when the default is on), unknown flags are errors.
+"""
+import argparse
+import sys
+from dataclasses import MISSING, field, fields
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad input, a bad flag, a missing or damaged file. Scripts print
+    it as one line, `error: <problem>. Fix: <fix>`, and exit with code 2. Anything else is a bug
+    and keeps its traceback."""
+
+    def __init__(self, problem, fix):
+        super().__init__(f"{problem}. Fix: {fix}")
+
+
+def arg(default=MISSING, help="", **kwargs):
+    """A config field: its default, its help text for --help, and argparse extras (aliases=...)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and each flag's default after its help."""
+
+
+def parse_config(config_cls, argv=None, doc=None, positional=(), optional=()):
+    """argv -> config_cls instance. Fields named in `positional` may also be given without their
+    flag, in that order (`evaluate.py out/ckpt.pt` = `evaluate.py --checkpoint out/ckpt.pt`); they
+    are required unless also named in `optional`."""
+    from transformers import HfArgumentParser
+    parser = HfArgumentParser(config_cls, description=doc, formatter_class=_HelpFormatter)
+    helps = {f.name: f.metadata.get("help", "") for f in fields(config_cls)}
+    for name in positional:
+        parser.add_argument(f"{name}_", nargs="?", metavar=name, help=f"{helps[name]} (or --{name})")
+    args = vars(parser.parse_args(argv))
+    for name in positional:
+        value = args.pop(f"{name}_")
+        if value is not None:
+            args[name] = value
+        if not args[name] and name not in optional:
+            parser.error(f"the argument {name} is required")
+    return config_cls(**args)
+
+
+def given_flags(config_cls, argv=None, positional=()):
+    """Names of the fields set on the command line (as opposed to left at their defaults)."""
+    from transformers import HfArgumentParser
+    unset = object()
+    parser = HfArgumentParser(config_cls)
+    parser.set_defaults(**{f.name: unset for f in fields(config_cls)})
+    for name in positional:
+        parser.add_argument(f"{name}_", nargs="?", default=unset)
+    args = vars(parser.parse_args(argv))
+    return {name.rstrip("_") for name, value in args.items() if value is not unset}
+
+
+def run(fn, *args):
+    """Call a script's body; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

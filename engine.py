@@ -1,0 +1,353 @@
+"""The engine every script runs on (after MAE's engine_finetune.py: scripts wire, this runs).
+
+- setup_runtime: device, precision, TF32, attention backend and processes, decided once, one banner.
+- build_optimizer / build_scheduler / GradScaler: AdamW (fused on CUDA), linear warmup and decay.
+- prepare_model: DDP and torch.compile in the right order (compile(DDP(model))); CUDA graphs.
+- train_step: one optimizer step over its micro-batches, each weighted by its pairs.
+- score / score_dataset: one scoring loop (validation, evaluate.py, predict.py, the baselines,
+  bench.py), scores put back in dataset order.
+- StopSignal, rng_state: stopping cleanly and resuming exactly.
+
+train.py, evaluate.py, predict.py, baseline_cosine.py and bench.py all run these functions, so the
+benchmark times exactly what training runs.
+"""
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cli import UserError
+from data import make_loader, to_device
+from model import pair_loss
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+
+
+@dataclass
+class Recipe:
+    """The optimization train.py runs by default (its flags of the same names override each);
+    bench.py times the same. The notebook: Adam, lr 1e-4, clip 1.0, no schedule."""
+    lr: float = 1e-4              # peak learning rate
+    weight_decay: float = 0.0     # AdamW's; 0 is the notebook's Adam
+    warmup_ratio: float = 0.06    # share of steps with linear warmup from 0, then linear decay to 0
+    clip: float = 1.0             # max gradient norm
+
+
+@dataclass
+class Runtime:
+    """Where and how the work runs; made once per process by setup_runtime."""
+    device: torch.device
+    amp_dtype: object = None     # autocast dtype; None = fp32
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    attention: str = "sdpa"      # which attention kernels the encoder may use (for reports)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def cuda(self):
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    @property
+    def precision(self):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.amp_dtype]
+
+
+def parse_device(name):
+    """'auto' = cuda > mps > cpu; else a torch device string, checked against this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device", "use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU here", "use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)",
+                        "use cuda:0 .. cuda:N-1")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name}: no Apple GPU here", "use --device auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: not supported", "use auto, cpu, cuda or mps")
+    return device
+
+
+def parse_precision(device, name):
+    """Autocast dtype: bf16 on GPUs that support it, else fp16 (with a GradScaler); fp32 on CPU,
+    where bf16 autocast is slower than fp32 on most CPUs. None means fp32."""
+    if name not in PRECISIONS:
+        raise UserError(f"--precision {name}: unknown", f"use one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 on the CPU: no fast fp16 kernels there", "use fp32 or bf16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
+
+
+def setup_runtime(device="auto", precision="auto", distributed=False, file=None):
+    """Decide device, precision and processes once, and print them as one banner line (on `file`;
+    stdout by default). distributed: join the torchrun process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    rank, local_rank = 0, 0
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, local_rank = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = parse_device(device)
+    amp_dtype = parse_precision(dev, precision)
+    attention = "sdpa (PyTorch picks the kernel)"
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+        # cuDNN's attention builds an execution plan for every new shape (measured: ~6x slower
+        # training with varying shapes). The padding mask rules out flash attention, so SDPA
+        # runs the memory-efficient kernel, which needs no plans.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        attention = "sdpa: memory-efficient kernel (cuDNN attention off; flash takes no padding mask)"
+    rt = Runtime(device=dev, amp_dtype=amp_dtype, rank=rank, world=world, local_rank=local_rank,
+                 attention=attention)
+    if rt.master:
+        gpu = f" ({torch.cuda.get_device_name(dev)})" if rt.cuda else ""
+        print(f"device {dev}{gpu} | precision {rt.precision} | processes {world}",
+              file=file or sys.stdout, flush=True)
+    return rt
+
+
+# ----------------------------------------------------------------------------- training
+
+def build_optimizer(model, lr, weight_decay, rt):
+    """AdamW over the trainable parameters; no decay on biases, LayerNorm and PReLU weights; one
+    fused kernel for the whole update on CUDA instead of one per tensor."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=rt.cuda)
+
+
+def build_scheduler(optimizer, total_steps, warmup_ratio):
+    """Linear warmup over warmup_ratio of the steps from 0, then linear decay to 0 (transformers')."""
+    from transformers import get_linear_schedule_with_warmup
+    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
+
+
+def build_scaler(rt):
+    """Loss scaling for fp16 only (bf16 and fp32 keep their exponent range): a no-op otherwise."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+
+
+def batch_layout(rt, shapes="auto", chunks=0):
+    """(static shapes?, encoder calls per siamese batch). auto: static on CUDA (few fixed shapes:
+    compiled once, CUDA graphs, no per-shape attention plans), exact on the CPU (least padding).
+    Static batches cut their questions into 4 equal groups (real tokens ~84% of the padded ones on
+    QQP's lengths, against ~76% with 2); exact ones into at most 2 (~92%)."""
+    static = shapes == "static" or (shapes == "auto" and rt.cuda)
+    return static, chunks or (4 if static else 2)
+
+
+def resolve_compile(mode, rt, grad_accum_steps=1):
+    """'auto' -> what is fast here: CUDA graphs (reduce-overhead) on one GPU, plain compile under
+    DDP or with gradient accumulation (a captured graph's outputs are overwritten by the next
+    replay, and accumulated gradients would alias them), off on the CPU (compile time outweighs
+    the gain on a few cores)."""
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile {mode}: unknown", f"use one of {', '.join(COMPILE_MODES)}")
+    if mode != "auto":
+        return mode
+    if not rt.cuda:
+        return "off"
+    return "reduce-overhead" if rt.world == 1 and grad_accum_steps == 1 else "default"
+
+
+def prepare_model(model, rt, compile_mode):
+    """Wrap for DDP first, then compile: torch.compile(DDP(model)) lets the compiler split graphs
+    at DDP's gradient buckets so communication overlaps the backward pass. Shapes vary only along a
+    few values (static shapes), compiled once as dynamic shapes; CUDA graphs (reduce-overhead)
+    are recorded per shape."""
+    if rt.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.cuda else None)
+    if compile_mode != "off":
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode,
+                              dynamic=True)
+    return model
+
+
+def mark_step():
+    """Tell CUDA graphs a new step begins: the previous step's graph outputs may be reused."""
+    if hasattr(torch, "compiler") and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def train_step(model, batches, step_pairs, optimizer, scheduler, scaler, rt, clip):
+    """One optimizer step over `batches` (micro-batches, on the device), in the fixed order:
+    forward under autocast, backward (accumulated), unscale, clip, step, zero_grad, next lr.
+
+    Each micro-batch's summed loss is divided by step_pairs, the real pairs of the whole step on
+    all processes, and multiplied by the process count (DDP averages gradients over processes):
+    the gradient is the mean over the step's pairs whatever the micro-batch sizes.
+    Returns the summed loss of this process's pairs, a 0-dim tensor left on the device (no sync)."""
+    mark_step()
+    loss_sum = torch.zeros((), device=rt.device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with model.no_sync() if rt.world > 1 and not last else nullcontext():
+            with rt.autocast():
+                loss = pair_loss(model(batch), batch["labels"])  # (B, 2) logits -> summed loss
+            scaler.scale(loss * (rt.world / step_pairs)).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return loss_sum
+
+
+def all_sum(values, rt):
+    """Sum a few floats over processes (one all-reduce); the values themselves in one process."""
+    if rt.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+class StopSignal:
+    """Ctrl-C / SIGTERM: the loop finishes its step, saves and exits. Under DDP the processes
+    agree on when (each step, over a CPU group that does not wait for the GPU): a process leaving
+    the loop alone would hang the others in their next all-reduce."""
+
+    def __init__(self, rt):
+        self.rt, self.signals = rt, []
+        self.previous = {sig: signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.group = torch.distributed.new_group(backend="gloo") if rt.world > 1 else None
+
+    def close(self):
+        """Give the signals back to their earlier handlers (the loop is over)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self):
+        """True once any process got a signal (the same answer on every process)."""
+        if self.group is None:
+            return bool(self.signals)
+        flag = torch.tensor([len(self.signals)], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def describe(self):
+        return f"signal {self.signals[0]}" if self.signals else "a signal to another process"
+
+
+def rng_state():
+    """Every RNG the run draws from, in types torch.load(weights_only=True) accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def probability(model):
+    """score_fn of a pair classifier: probability of duplicate, softmax over the classes."""
+    return lambda batch: model(batch).float().softmax(-1)[:, 1]  # (B, 2) logits -> (B,)
+
+
+def progress_bar(total, desc, unit="pair"):
+    """tqdm on a terminal only: in logs a bar is noise, one line at the end says the same."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty())
+
+
+@torch.inference_mode()
+def score(score_fn, loader, n, rt, desc="scoring", gather=False, verbose=True):
+    """Score every pair of a loader's dataset: (n,) float32 in dataset order.
+
+    Batches come length-sorted (least padding; order is irrelevant here); fill pairs (index -1)
+    are dropped and each batch's scores are put back by batch["index"]. Scores stay on the device
+    until the end (4 bytes a pair): no device-to-host sync per batch. gather: under DDP each
+    process scored its shard; every process gets all n scores. score_fn(batch) -> (B,) scores."""
+    bar = progress_bar(n, desc)
+    t0 = time.time()
+    index, chunks = [], []
+    with rt.autocast():
+        for batch in loader:
+            mark_step()
+            out = score_fn(to_device(batch, rt.device))  # (B,)
+            chunks.append(out.float().clone())  # a copy: a CUDA graph reuses its output memory
+            index.append(batch["index"].numpy())
+            bar.update(int((batch["index"] >= 0).sum()))
+    bar.close()
+    index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    values = torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, np.float32)
+    keep = index >= 0  # drop fill pairs here, on the CPU (a boolean index on the GPU would sync)
+    index, values = index[keep], values[keep]
+    if gather and rt.world > 1:
+        parts = [None] * rt.world
+        torch.distributed.all_gather_object(parts, (index, values))
+        index = np.concatenate([p[0] for p in parts])
+        values = np.concatenate([p[1] for p in parts])
+    scores = np.full(n, np.nan, np.float32)
+    scores[index] = values
+    seconds = time.time() - t0
+    if verbose and rt.master:
+        print(f"{desc}: {n:,} pairs in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} pairs/s)", flush=True)
+    if not np.isfinite(scores).all():  # e.g. fp16 overflow: metrics on NaN would be meaningless
+        raise UserError(f"{desc}: {int((~np.isfinite(scores)).sum())} of {n:,} scores are NaN or inf",
+                        "retry with --precision fp32 (or --device cpu) to rule out reduced precision")
+    return scores
+
+
+def score_dataset(score_fn, dataset, layout, rt, batch_size, num_workers=0, chunks=2, max_len=None,
+                  desc="scoring", verbose=True):
+    """score() over a whole dataset with its own loader: static shapes on CUDA, exact on the CPU."""
+    loader, _ = make_loader(dataset, layout, batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=rt.cuda, chunks=chunks, static_shapes=rt.cuda, max_len=max_len)
+    return score(score_fn, loader, len(dataset), rt, desc=desc, verbose=verbose)

