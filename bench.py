@@ -71,8 +71,8 @@ class BenchConfig:
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda")
     batch_size: int = arg(128, "pairs per batch, every side (the notebook's 128)", aliases=["--bs"])
     warmup_steps: int = arg(-1, "train: untimed steps first (-1: 2 on CPU, 40 on CUDA)")
-    train_steps: int = arg(-1, "train: timed steps of ours (-1: 10 on CPU, 400 on CUDA)")
-    reference_steps: int = arg(-1, "train: timed steps of the notebook and the peer (-1: as ours on CPU, 100 on CUDA)")
+    train_steps: int = arg(-1, "train: timed steps of ours (-1: 10 on CPU, 300 on CUDA)")
+    reference_steps: int = arg(-1, "train: timed steps of the notebook and the peer (-1: as ours on CPU, 60 on CUDA)")
     data_batches: int = arg(200, "data: batches timed per side")
     infer_pairs: int = arg(-1, "infer: pairs scored by ours (-1: 1,024 on CPU, 65,536 on CUDA); "
                                "the notebook scores at most 16,384")
@@ -109,13 +109,13 @@ def make_plan(cfg, rt):
     def pick(value, on_cpu, on_cuda):
         return value if value >= 0 else on_cuda if rt.cuda else on_cpu
 
-    train_steps = pick(cfg.train_steps, 10, 400)
+    train_steps = pick(cfg.train_steps, 10, 300)
     return Plan(stages=STAGES if "all" in named else tuple(s for s in STAGES if s in named),
                 gpu_named="gpu" in named, encoder=encoder,
                 # A random DistilBERT uses the bundled vocabulary: the same 30,522 uncased WordPieces.
                 tokenizer=BUNDLED_MODEL if encoder == DISTILBERT_CONFIG else encoder,
                 warmup_steps=pick(cfg.warmup_steps, 2, 40), train_steps=train_steps,
-                reference_steps=pick(cfg.reference_steps, train_steps, 100),
+                reference_steps=pick(cfg.reference_steps, train_steps, 60),
                 infer_pairs=pick(cfg.infer_pairs, 1024, 65_536), num_workers=pick(cfg.num_workers, 0, 2))
 
 
@@ -506,6 +506,14 @@ def attention_kernels(ws, cfg, rt):
     return sorted(n for n in names if any(w in n.lower() for w in ("attention", "fmha", "flash", "cudnn", "sdpa")))[:8]
 
 
+def attention_kernels_or_why(ws, cfg, rt):
+    """A diagnostic: the profiler may be unavailable (no CUPTI); say so instead of failing."""
+    try:
+        return attention_kernels(ws, cfg, rt)
+    except Exception as e:  # any profiler failure: the benchmark's numbers stand without it
+        return f"profiler unavailable: {type(e).__name__}: {str(e)[:200]}"
+
+
 def end_to_end(ws, cfg, rt):
     """train.py --epochs 1 on the synthesized file, bundled MiniLM, as a user runs it; the
     preprocessing before it is timed apart (synthesize)."""
@@ -539,7 +547,7 @@ def stage_gpu(ws, cfg, plan, rt, report):
     ours, nb = sides["ours"], sides["notebook"]
     smoke = "" if rt.cuda else " [cpu smoke]"
     result = {"measured_matmul_tflops": peak, "matmul_dtype": str(dtype), "non_embedding_params": n_params,
-              "attention_backend": rt.attention, "attention_kernels": attention_kernels(ws, cfg, rt) if rt.cuda else None,
+              "attention_backend": rt.attention, "attention_kernels": attention_kernels_or_why(ws, cfg, rt) if rt.cuda else None,
               "smoke_check_on": None if rt.cuda else rt.device.type,
               **{k: {m: s.get(m) for m in ("mfu", "data_wait_share", "epoch_seconds", "pairs_per_sec",
                                            "peak_memory_gb", "compile_seconds", "distinct_shapes")}
@@ -672,15 +680,20 @@ def bench(cfg):
             result["stage_seconds"] = round(time.time() - t0, 1)
             report["stages"][stage] = result
             print(format_table(result["rows"]), flush=True)
+            write_report(report, cfg.out)  # after every stage: a run cut short keeps what it measured
     report["total_seconds"] = round(time.time() - t_start, 1)
     # Other jobs on the same cores make every number here slower: judge the run by these.
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["table"] = [r for s in report["stages"].values() for r in s["rows"]]
+    write_report(report, cfg.out)
     print(f"\n{format_table(report['table'])}")
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=1, default=str)
     print(f"wrote {cfg.out} ({report['total_seconds']:.0f} s)")
     return report
+
+
+def write_report(report, path):
+    report["table"] = [r for s in report["stages"].values() for r in s["rows"]]
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

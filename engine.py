@@ -192,9 +192,20 @@ def prepare_model(model, rt, compile_mode):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.cuda else None)
     if compile_mode != "off":
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode,
-                              dynamic=True)
+        # Lengths that happen to be equal in the first batch (two groups of length 32) must not
+        # be merged into one symbol: the next batch would fail that guard and recompile.
+        import torch.fx.experimental._config as fx_config
+        fx_config.use_duck_shape = False
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     return model
+
+
+def mark_lengths_dynamic(batch):
+    """Compile once for every sequence length: the length dimension of each (rows, L) tensor is
+    symbolic; rows stay fixed (static shapes), which keeps the compiled kernels simple."""
+    for key in ("q_ids", "q_mask", "input_ids", "attention_mask", "token_type_ids"):
+        for t in batch[key] if isinstance(batch.get(key), list) else [batch[key]] if key in batch else []:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
 
 
 def mark_step():
@@ -214,6 +225,7 @@ def train_step(model, batches, step_pairs, optimizer, scheduler, scaler, rt, cli
     mark_step()
     loss_sum = torch.zeros((), device=rt.device)
     for i, batch in enumerate(batches):
+        mark_lengths_dynamic(batch)
         last = i == len(batches) - 1
         with model.no_sync() if rt.world > 1 and not last else nullcontext():
             with rt.autocast():
