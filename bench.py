@@ -518,11 +518,12 @@ def end_to_end(ws, cfg, rt):
     """train.py --epochs 1 on the synthesized file, bundled MiniLM, as a user runs it; the
     preprocessing before it is timed apart (synthesize)."""
     _, data_dir, prep = synthesize(ws)
-    out = os.path.join(ws.tmp, "e2e_run")
+    print(f"train.py end to end: preprocessed {ws.cfg.rows:,} rows in {prep['seconds']:.1f} s", flush=True)
+    out, logs = os.path.join(ws.tmp, "e2e_run"), os.path.dirname(os.path.abspath(cfg.out))
     seconds, _ = run_child([sys.executable, "train.py", "--data_dir", data_dir, "--out_dir", out, "--epochs", "1",
                             "--batch_size", str(cfg.batch_size), "--device", str(rt.device)],
-                           ws.tmp, "train_e2e", timeout=cfg.e2e_timeout)
-    with open(os.path.join(ws.tmp, "train_e2e.log")) as f:
+                           logs, "bench_train_e2e", timeout=cfg.e2e_timeout)
+    with open(os.path.join(logs, "bench_train_e2e.log")) as f:
         log = f.read()
     with open(os.path.join(out, "metrics.jsonl")) as f:
         val = json.loads(f.readlines()[-1])
@@ -534,7 +535,11 @@ def end_to_end(ws, cfg, rt):
 def stage_gpu(ws, cfg, plan, rt, report):
     for name, fn in (("train", stage_train), ("infer", stage_infer)):
         if name not in report["stages"]:
+            t0 = time.time()
             report["stages"][name] = fn(ws, cfg, plan, rt)
+            report["stages"][name]["stage_seconds"] = round(time.time() - t0, 1)
+            print(format_table(report["stages"][name]["rows"]), flush=True)
+            write_report(report, cfg.out)
     train = report["stages"]["train"]
     dtype = rt.amp_dtype or torch.float32
     peak = matmul_tflops(rt, dtype, 8192 if rt.cuda else 512, 50 if rt.cuda else 5)
@@ -562,6 +567,9 @@ def stage_gpu(ws, cfg, plan, rt, report):
             row("gpu", "distinct batch shapes", ours["distinct_shapes"], None, None),
             row("gpu", f"{NOTEBOOK_EPOCH_PAIRS:,}-pair epoch, s", ours["epoch_seconds"], nb["epoch_seconds"],
                 result["ratio"])]
+    print(format_table(rows), flush=True)
+    report["stages"]["gpu"] = {**result, "rows": rows, "train_py": "not finished"}
+    write_report(report, cfg.out)
     if rt.cuda:
         e2e = result["train_py"] = end_to_end(ws, cfg, rt)
         rows += [row("gpu", f"train.py --epochs 1, {e2e['train_pairs']:,} pairs + validation, wall s",
