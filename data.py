@@ -371,6 +371,49 @@ class Collator:
         return batch
 
 
+class QuestionDataset(torch.utils.data.Dataset):
+    """Single questions, for embedding (index.py): items (question index, token ids) over flat
+    token arrays (text.tokenize's, or a data folder's tokens.npy / offsets.npy)."""
+
+    def __init__(self, tokens, offsets, pad_token_id):
+        self.tokens, self.offsets = tokens, offsets
+        self.manifest = {"pad_token_id": pad_token_id}
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def lengths(self):
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i):
+        return i, self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+class QuestionCollator:
+    """Questions -> {"index": (n,), "ids": (n, L), "mask": (n, L)}; static (grid given): always
+    batch_size rows (fill rows: index -1) and L on the grid."""
+
+    def __init__(self, pad_id, batch_size=None, grid=None):
+        self.pairs = Collator("siamese", pad_id, chunks=1, batch_size=batch_size, grid=grid)
+
+    def __call__(self, items):
+        index, questions = zip(*items)
+        if self.pairs.grid is not None and len(items) < self.pairs.batch_size:
+            index = index + (-1,) * (self.pairs.batch_size - len(items))
+            questions = questions + (questions[0],) * (self.pairs.batch_size - len(items))
+        ids, mask = self.pairs.pad(list(questions))
+        return {"index": torch.tensor(index, dtype=torch.int64), "ids": ids, "mask": mask}
+
+
+def question_loader(dataset, batch_size, num_workers=0, pin_memory=False, static_shapes=False, max_len=128):
+    """Questions in batches of similar length, longest first (out-of-memory shows at once)."""
+    sampler = BucketBatchSampler(dataset.lengths(), batch_size, shuffle=False)
+    collate = QuestionCollator(dataset.manifest["pad_token_id"] or 0, batch_size,
+                               length_grid(max_len) if static_shapes else None)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers, pin_memory=pin_memory)
+
+
 def padding_stats(batch):
     """(real tokens, padded tokens) of a collated batch: how much encoder work is real. Fill pairs
     count as padding."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cli import UserError
-from data import make_loader, to_device
+from data import make_loader, question_loader, to_device
 from model import pair_loss
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -363,3 +363,32 @@ def score_dataset(score_fn, dataset, layout, rt, batch_size, num_workers=0, chun
     loader, _ = make_loader(dataset, layout, batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=rt.cuda, chunks=chunks, static_shapes=rt.cuda, max_len=max_len)
     return score(score_fn, loader, len(dataset), rt, desc=desc, verbose=verbose)
+
+
+@torch.inference_mode()
+def embed(encode_fn, dataset, rt, batch_size=512, num_workers=0, max_len=128, desc="embedding", verbose=True):
+    """(N, H) float32 vectors of every question of a data.QuestionDataset, in dataset order, through
+    the same length-sorted batches and device path as scoring. encode_fn(ids, mask) -> (n, H)."""
+    loader = question_loader(dataset, batch_size, num_workers=num_workers, pin_memory=rt.cuda,
+                             static_shapes=rt.cuda, max_len=max_len)
+    bar = progress_bar(len(dataset), desc, unit="question")
+    t0 = time.time()
+    index, chunks = [], []
+    with rt.autocast():
+        for batch in loader:
+            mark_step()
+            batch = to_device(batch, rt.device)
+            chunks.append(encode_fn(batch["ids"], batch["mask"]).float().clone())  # (n, H)
+            index.append(batch["index"].cpu().numpy())
+            bar.update(int((index[-1] >= 0).sum()))
+    bar.close()
+    index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    values = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, 0), np.float32)
+    vectors = np.zeros((len(dataset), values.shape[1] if values.ndim == 2 else 0), np.float32)
+    keep = index >= 0
+    vectors[index[keep]] = values[keep]
+    if verbose and rt.master:
+        seconds = time.time() - t0
+        print(f"{desc}: {len(dataset):,} questions in {seconds:.1f} s "
+              f"({len(dataset) / max(seconds, 1e-9):,.0f} questions/s)", flush=True)
+    return vectors
