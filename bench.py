@@ -15,11 +15,11 @@ Stages (--stages, comma-separated, or 'all'):
   data        one training batch: ours = sampler + memory-mapped dataset + Collator (+ pinned copy to
               the device), from data.make_loader; the notebook's = two tokenizer(..., padding=True)
               calls on the same pairs' texts (+ its copy to the device).
-  padding     real / padded tokens over one epoch of the real rows: ours (exact on CPU, static
-              shapes on CUDA) against the notebook's (random order, q1 and q2 padded separately).
+  padding     real / padded tokens over one epoch of the real rows: ours (exact on CPU, packed on
+              CUDA) against the notebook's (random order, q1 and q2 padded separately).
   train       pairs per second, same encoder weights and batch size, each side over a fixed random
               sample of pairs after warm-up steps. Ours is train.py's own step (engine.train_step)
-              with train.py's defaults on this device (static shapes and CUDA graphs on a GPU); the
+              with train.py's defaults on this device (packed batches, CUDA graphs on a GPU); the
               notebook's and the peer's loops are in reference.py.
   infer       pairs per second of engine.score_dataset (evaluate.py's path) against the notebook's
               get_predictions.
@@ -132,7 +132,7 @@ class Workspace:
     def __init__(self, cfg, plan, rt, tmp):
         self.cfg, self.plan, self.rt, self.tmp = cfg, plan, rt, tmp
         self.recipe = engine.Recipe()  # ours runs train.py's defaults: this recipe, ModelConfig(),
-        self.static, self.chunks = engine.batch_layout(rt)  # and this device's batch layout
+        self.packed = engine.batch_layout(rt)  # and this device's batch layout
         self.layout = ModelConfig.arch
 
     @cached_property
@@ -199,7 +199,7 @@ class Workspace:
         """Ours, as train.py makes it on this device."""
         return make_loader(self.subset(rows), self.layout, batch_size, shuffle=shuffle, seed=seed,
                            num_workers=self.plan.num_workers, pin_memory=self.rt.cuda,
-                           chunks=self.chunks, static_shapes=self.static)
+                           packed=self.packed)
 
 
 def synthesize(ws):
@@ -332,12 +332,13 @@ def stage_padding(ws, cfg, plan, rt):
             mask = ws.tokenizer(texts, return_tensors="pt", padding=True)["attention_mask"]
             notebook += (int(mask.sum()), mask.numel())
     eff_ours, eff_nb = ours[0] / ours[1], notebook[0] / notebook[1]
-    target, goal = (">= 0.80 (static)", 0.80) if ws.static else (">= 0.90", 0.90)
+    form = "packed" if ws.packed else "exact"
+    target, goal = (">= 0.80", 0.80) if ws.packed else (">= 0.90", 0.90)
     return {"ours": {"efficiency": eff_ours, "real_tokens": int(ours[0]), "padded_tokens": int(ours[1]),
-                     "shapes": "static" if ws.static else "exact", "distinct_shapes": len(shapes)},
+                     "batches": form, "distinct_shapes": len(shapes)},
             "notebook": {"efficiency": eff_nb, "real_tokens": int(notebook[0]), "padded_tokens": int(notebook[1])},
             "ratio": eff_ours / eff_nb, "pairs": len(ws.dataset),
-            "rows": [row("padding", f"real / padded tokens ({'static' if ws.static else 'exact'})", eff_ours,
+            "rows": [row("padding", f"real / padded tokens ({form})", eff_ours,
                          eff_nb, eff_ours / eff_nb, target, eff_ours >= goal)]}
 
 
@@ -459,7 +460,7 @@ def stage_infer(ws, cfg, plan, rt):
 
     def ours(r):
         return engine.score_dataset(engine.probability(ours_model), ws.subset(r), ws.layout, rt,
-                                    2 * cfg.batch_size, plan.num_workers, chunks=ws.chunks, verbose=False)
+                                    2 * cfg.batch_size, plan.num_workers, verbose=False)
 
     def notebook(r):
         q1, q2, _ = ws.pair_texts(r)

@@ -160,13 +160,11 @@ def build_scaler(rt):
     return torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
 
 
-def batch_layout(rt, shapes="auto", chunks=0):
-    """(static shapes?, encoder calls per siamese batch). auto: static on CUDA (few fixed shapes:
-    compiled once, CUDA graphs, no per-shape attention plans), exact on the CPU (least padding).
-    Static batches cut their questions into 4 equal groups (real tokens ~84% of the padded ones on
-    QQP's lengths, against ~76% with 2); exact ones into at most 2 (~92%)."""
-    static = shapes == "static" or (shapes == "auto" and rt.cuda)
-    return static, chunks or (4 if static else 2)
+def batch_layout(rt, shapes="auto"):
+    """Packed batches? auto: packed on CUDA (one encoder call of a few fixed shapes per batch:
+    compiled once, replayed as CUDA graphs, no per-shape attention plans), exact on the CPU
+    (padded groups cut where padding is least: no attention over a packed row's other tokens)."""
+    return shapes == "packed" or (shapes == "auto" and rt.cuda)
 
 
 def resolve_compile(mode, rt, grad_accum_steps=1):
@@ -185,27 +183,28 @@ def resolve_compile(mode, rt, grad_accum_steps=1):
 
 def prepare_model(model, rt, compile_mode):
     """Wrap for DDP first, then compile: torch.compile(DDP(model)) lets the compiler split graphs
-    at DDP's gradient buckets so communication overlaps the backward pass. Shapes vary only along a
-    few values (static shapes), compiled once as dynamic shapes; CUDA graphs (reduce-overhead)
-    are recorded per shape."""
+    at DDP's gradient buckets so communication overlaps the backward pass. With packed batches
+    only the row count varies, over a few values: compiled once with it symbolic; CUDA graphs
+    (reduce-overhead) are recorded once per row count."""
     if rt.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.cuda else None)
     if compile_mode != "off":
-        # Lengths that happen to be equal in the first batch (two groups of length 32) must not
-        # be merged into one symbol: the next batch would fail that guard and recompile.
+        # Sizes that happen to be equal in the first batch (36 rows, 36 tokens) must not be merged
+        # into one symbol: the next batch would fail that guard and recompile.
         import torch.fx.experimental._config as fx_config
         fx_config.use_duck_shape = False
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     return model
 
 
-def mark_lengths_dynamic(batch):
-    """Compile once for every sequence length: the length dimension of each (rows, L) tensor is
-    symbolic; rows stay fixed (static shapes), which keeps the compiled kernels simple."""
-    for key in ("q_ids", "q_mask", "input_ids", "attention_mask", "token_type_ids"):
+def mark_dynamic(batch):
+    """Compile once for all the shapes a batch takes: the row count of packed tensors, the
+    length of exact ones, is symbolic (the other dimension is fixed, which keeps kernels simple)."""
+    for key, dim in (("packed_ids", 0), ("packed_pos", 0), ("packed_seg", 0), ("packed_types", 0),
+                     ("q_ids", 1), ("q_mask", 1), ("input_ids", 1), ("attention_mask", 1), ("token_type_ids", 1)):
         for t in batch[key] if isinstance(batch.get(key), list) else [batch[key]] if key in batch else []:
-            torch._dynamo.maybe_mark_dynamic(t, 1)
+            torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 def mark_step():
@@ -225,7 +224,7 @@ def train_step(model, batches, step_pairs, optimizer, scheduler, scaler, rt, cli
     mark_step()
     loss_sum = torch.zeros((), device=rt.device)
     for i, batch in enumerate(batches):
-        mark_lengths_dynamic(batch)
+        mark_dynamic(batch)
         last = i == len(batches) - 1
         with model.no_sync() if rt.world > 1 and not last else nullcontext():
             with rt.autocast():
@@ -357,11 +356,11 @@ def score(score_fn, loader, n, rt, desc="scoring", gather=False, verbose=True):
     return scores
 
 
-def score_dataset(score_fn, dataset, layout, rt, batch_size, num_workers=0, chunks=2, max_len=None,
+def score_dataset(score_fn, dataset, layout, rt, batch_size, num_workers=0, max_len=None,
                   desc="scoring", verbose=True):
-    """score() over a whole dataset with its own loader: static shapes on CUDA, exact on the CPU."""
+    """score() over a whole dataset with its own loader: packed on CUDA, exact on the CPU."""
     loader, _ = make_loader(dataset, layout, batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=rt.cuda, chunks=chunks, static_shapes=rt.cuda, max_len=max_len)
+                            pin_memory=rt.cuda, packed=batch_layout(rt), max_len=max_len)
     return score(score_fn, loader, len(dataset), rt, desc=desc, verbose=verbose)
 
 
@@ -369,8 +368,7 @@ def score_dataset(score_fn, dataset, layout, rt, batch_size, num_workers=0, chun
 def embed(encode_fn, dataset, rt, batch_size=512, num_workers=0, max_len=128, desc="embedding", verbose=True):
     """(N, H) float32 vectors of every question of a data.QuestionDataset, in dataset order, through
     the same length-sorted batches and device path as scoring. encode_fn(ids, mask) -> (n, H)."""
-    loader = question_loader(dataset, batch_size, num_workers=num_workers, pin_memory=rt.cuda,
-                             static_shapes=rt.cuda, max_len=max_len)
+    loader = question_loader(dataset, batch_size, num_workers=num_workers, pin_memory=rt.cuda, max_len=max_len)
     bar = progress_bar(len(dataset), desc, unit="question")
     t0 = time.time()
     index, chunks = [], []

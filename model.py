@@ -108,6 +108,29 @@ def encode(encoder, ids, mask, pooling, token_types=None):
     return pool(hidden, mask, pooling)
 
 
+def encode_packed(encoder, ids, pos, seg, n, pooling, token_types=None):
+    """Packed rows (R, L) of ids, positions and sequence ids (-1 on padding) -> (n, H) pooled
+    vectors of the n sequences packed in them (data.Collator's packed form).
+
+    Each token attends only to tokens of its own sequence (padding to padding, so no row of the
+    mask is empty), and positions restart at every sequence: each sequence is encoded exactly as
+    it would be alone. Pooling sums each sequence's tokens with index_add into n + 1 slots (the
+    last one collects padding) -- no data-dependent shapes, so no host sync."""
+    kwargs = {} if token_types is None else {"token_type_ids": token_types}
+    attention = (seg[:, :, None] == seg[:, None, :])[:, None]  # (R, 1, L, L)
+    hidden = encoder(input_ids=ids, attention_mask=attention, position_ids=pos,
+                     **kwargs).last_hidden_state  # (R, L, H)
+    slot = torch.where(seg >= 0, seg, n).flatten()  # (R*L,) sequence of each token; padding -> n
+    if pooling == "cls":  # the first token of each sequence
+        slot = torch.where((pos.flatten() == 0) & (slot < n), slot, n)
+    flat = hidden.flatten(0, 1)  # (R*L, H)
+    sums = torch.zeros(n + 1, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, slot, flat)
+    if pooling == "cls":
+        return sums[:n]
+    counts = torch.zeros(n + 1, dtype=flat.dtype, device=flat.device).index_add_(0, slot, torch.ones_like(slot, dtype=flat.dtype))
+    return sums[:n] / counts[:n].clamp(min=1).unsqueeze(-1)
+
+
 def make_head(d_in, hidden, dropout):
     return nn.Sequential(
         nn.Linear(d_in, hidden), nn.PReLU(), nn.Dropout(dropout),
@@ -145,6 +168,12 @@ class PairModel(nn.Module):
         return encode(self.encoder, ids, mask, self.cfg.pooling,
                       token_types if self.uses_token_types else None)
 
+    def encode_packed(self, batch, n):
+        """The n sequences of a packed batch -> (n, H) pooled vectors."""
+        types = batch.get("packed_types") if self.uses_token_types else None
+        return encode_packed(self.encoder, batch["packed_ids"], batch["packed_pos"], batch["packed_seg"], n,
+                             self.cfg.pooling, types)
+
 
 class SiameseClassifier(PairModel):
     def __init__(self, cfg):
@@ -153,9 +182,14 @@ class SiameseClassifier(PairModel):
         self.head = make_head(h * (4 if cfg.features == "rich" else 2), cfg.hidden, cfg.dropout)
 
     def embed_pair(self, batch):
-        """The 2B questions arrive length-sorted in 1-2 padded groups (data.Collator): one encoder
-        call per group, then each pair's two vectors are picked out by position."""
+        """(B, H) vectors of each pair's q1 and q2. Exact batches: the 2B questions in 1-2 padded
+        groups, one encoder call each, picked out by position. Packed: one call; the q1s are
+        sequences 0..B-1, the q2s B..2B-1."""
+        B = len(batch["labels"])
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
+            if "packed_ids" in batch:
+                emb = self.encode_packed(batch, 2 * B)  # (2B, H)
+                return emb[:B], emb[B:]
             emb = torch.cat([self.encode(ids, mask)  # (n, L) -> (n, H)
                              for ids, mask in zip(batch["q_ids"], batch["q_mask"])])  # (2B, H)
         return emb[batch["q1_pos"]], emb[batch["q2_pos"]]  # (B, H) each
@@ -180,8 +214,10 @@ class CrossEncoder(PairModel):
 
     def forward(self, batch):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
-            # (B, L) joined ids -> (B, H)
-            emb = self.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            if "packed_ids" in batch:  # (R, L) packed joined pairs -> (B, H)
+                emb = self.encode_packed(batch, len(batch["labels"]))
+            else:  # (B, L) joined ids -> (B, H)
+                emb = self.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         return self.head(emb)  # (B, 2)
 
 
@@ -194,6 +230,38 @@ def pair_loss(logits, labels):
     pairs labelled data.IGNORE_LABEL (batch fill, unknown labels) add nothing. The caller divides
     by the number of pairs in the optimizer step, so micro-batches of any size weigh by their pairs."""
     return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
+
+
+def export_hf(model, tokenizer, folder, max_len):
+    """The encoder and tokenizer in Hugging Face format, plus sentence-transformers' module files
+    (Transformer, then Pooling with the run's own pooling), so that transformers' AutoModel and
+    SentenceTransformer(folder) both read it as trained: a [CLS] model is not mean-pooled."""
+    import json
+
+    from transformers import AutoModel
+    encoder = model.encoder
+    if getattr(encoder, "pooler", "absent") is None:
+        # We dropped BERT's unused pooler; transformers would warn that its weights are missing.
+        # Export the full module: the pooler freshly initialized, and still unused by us.
+        full = AutoModel.from_config(encoder.config)
+        missing, unexpected = full.load_state_dict(encoder.state_dict(), strict=False)
+        assert all(k.startswith("pooler.") for k in missing) and not unexpected, (missing, unexpected)
+        encoder = full
+    encoder.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    dim = model.encoder.config.hidden_size
+    files = {
+        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}],
+        "sentence_bert_config.json": {"max_seq_length": max_len, "do_lower_case": False},
+        "1_Pooling/config.json": {"word_embedding_dimension": dim, "pooling_mode_cls_token": model.cfg.pooling == "cls",
+                                  "pooling_mode_mean_tokens": model.cfg.pooling == "mean",
+                                  "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False},
+    }
+    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=1)
 
 
 CKPT_FORMAT = "qqp-pair-classifier-v1"

@@ -39,7 +39,8 @@ import engine
 from cli import UserError, arg, given_flags, parse_config, run
 from data import PairDataset, fingerprint, make_loader, shapes_of, to_device
 from metrics import compute_metrics, format_report
-from model import ModelConfig, build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import (ModelConfig, build_model, export_hf, load_checkpoint, model_from_checkpoint,
+                   save_checkpoint)
 from text import check_vocab, load_tokenizer, vocab_hash
 
 RUN_FILES = ("ckpt.pt", "last.pt", "metrics.jsonl", "test_results.json", "hf")
@@ -92,9 +93,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
     compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = arg(
         "auto", "torch.compile; auto: CUDA graphs (reduce-overhead) on one GPU, default under DDP, off on CPU")
-    shapes: Literal["auto", "exact", "static"] = arg(
-        "auto", "batch shapes; auto: static on CUDA (few fixed shapes), exact on CPU (least padding)")
-    chunks: int = arg(0, "siamese: encoder calls per batch (0: 4 with static shapes, 2 exact)")
+    shapes: Literal["auto", "exact", "packed"] = arg(
+        "auto", "batches; auto: packed on CUDA (a few fixed shapes), exact on CPU (least padding)")
     num_workers: int = arg(2, "DataLoader worker processes (0: collate in the training process)")
 
 
@@ -122,9 +122,9 @@ def train(cfg, given=()):
                         "pass its --data_dir, or start a new run in another --out_dir")
     tokenizer = load_tokenizer(cfg.encoder)
     check_vocab(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
-    static, chunks = engine.batch_layout(rt, cfg.shapes, cfg.chunks)
+    packed = engine.batch_layout(rt, cfg.shapes)
     loader_args = dict(num_replicas=rt.world, rank=rt.rank, num_workers=cfg.num_workers, pin_memory=rt.cuda,
-                       chunks=chunks, static_shapes=static)
+                       packed=packed)
     train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed, **loader_args)
     val_loader, _ = make_loader(val_ds, cfg.arch, 2 * cfg.batch_size, shuffle=False, **loader_args)
 
@@ -149,7 +149,7 @@ def train(cfg, given=()):
         progress = {k: state[k] for k in progress}
         engine.set_rng_state(state["rng"])
     say(summary(cfg, rt, raw_model, manifest, len(train_ds), len(val_ds), steps_per_epoch, total_steps,
-                compile_mode, static, chunks))
+                compile_mode, packed))
 
     ctx = Run(cfg, rt, raw_model, data_info, tokenizer, progress, steps_per_epoch, say)
 
@@ -237,7 +237,7 @@ def check_config(cfg):
             raise UserError(f"--{name} {getattr(cfg, name)}: must be at least 1", f"e.g. --{name} "
                             f"{getattr(TrainConfig, name)}")
     for name in ("max_steps", "eval_every_steps", "save_every_steps", "early_stopping_patience",
-                 "num_workers", "chunks"):
+                 "num_workers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be 0 or more", f"e.g. --{name} 0")
     if cfg.lr <= 0 or cfg.clip <= 0 or not 0 <= cfg.warmup_ratio <= 1 or not 0 <= cfg.dropout < 1:
@@ -298,7 +298,7 @@ def data_record(manifest, data_dir):
             "max_len": manifest["max_len"], "split_policy": manifest["split_policy"]}
 
 
-def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_steps, compile_mode, static, chunks):
+def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_steps, compile_mode, packed):
     """The start-of-run block: model, data, batch arithmetic, how it runs."""
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -309,7 +309,7 @@ def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_ste
         f"pairs: train {n_train:,} | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
         f"batch {cfg.batch_size} per process x {rt.world} processes x {cfg.grad_accum_steps} accumulation = "
         f"{per_step} pairs per step | {steps_per_epoch} steps per epoch | {total_steps} steps in all",
-        f"shapes {'static' if static else 'exact'} ({chunks} encoder calls per batch) | compile {compile_mode} | "
+        f"batches {'packed' if packed else 'exact'} | compile {compile_mode} | "
         f"attention {rt.attention} | workers {cfg.num_workers}"])
 
 
@@ -385,7 +385,7 @@ def validate(ctx, val_loader, val_ds):
                 f"f1 {m['f1']:.4f} | auc {m['roc_auc']:.4f}{' | best so far' if improved else ''}", flush=True)
         if improved:
             save_run(ctx, "ckpt.pt")
-            export_hf(ctx.raw_model, ctx.tokenizer, os.path.join(cfg.out_dir, "hf"))
+            export_hf(ctx.raw_model, ctx.tokenizer, os.path.join(cfg.out_dir, "hf"), ctx.data_info["max_len"])
     return bool(cfg.early_stopping_patience) and progress["bad_evals"] >= cfg.early_stopping_patience
 
 
@@ -394,12 +394,6 @@ def save_run(ctx, name, **full_state):
     save_checkpoint(os.path.join(ctx.cfg.out_dir, name), {
         "model": ctx.raw_model.state_dict(), "model_config": asdict(ctx.raw_model.cfg),
         "train_config": asdict(ctx.cfg), "data": ctx.data_info, **ctx.progress, **full_state})
-
-
-def export_hf(raw_model, tokenizer, folder):
-    """The encoder and tokenizer for other tools (transformers, sentence-transformers)."""
-    raw_model.encoder.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def trim_metrics(path, step, say):

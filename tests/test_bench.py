@@ -53,7 +53,7 @@ def test_every_stage_runs_and_reports_what_it_measured(tmp_path, pairs_csv, tiny
 
     # Ours' padding is what make_loader gives on this device (exact on the CPU), recomputed here.
     padding = report["stages"]["padding"]
-    assert padding["ours"]["shapes"] == ("static" if torch.cuda.is_available() else "exact")
+    assert padding["ours"]["batches"] == ("packed" if torch.cuda.is_available() else "exact")
     assert padding["ours"]["real_tokens"] <= padding["ours"]["padded_tokens"]
     assert padding["ratio"] == pytest.approx(padding["ours"]["efficiency"] / padding["notebook"]["efficiency"])
     gpu = report["stages"]["gpu"]
@@ -62,14 +62,14 @@ def test_every_stage_runs_and_reports_what_it_measured(tmp_path, pairs_csv, tiny
 
 
 def test_padding_stage_matches_the_loader(tmp_path, tiny_data):
-    """bench's padding number for ours is the loader's own: sum of padding_stats over an epoch."""
+    """padding_stats counts every real token once, exact or packed (fill pairs not counted), and
+    bench's padding share for ours is that count over an epoch."""
     ds = PairDataset(tiny_data, "train")
-    loader, _ = make_loader(ds, "siamese", 16, shuffle=True)
-    real, padded = map(sum, zip(*(padding_stats(b) for b in loader)))
-    static_loader, _ = make_loader(ds, "siamese", 16, shuffle=True, static_shapes=True, chunks=4)
-    s_real, s_padded = map(sum, zip(*(padding_stats(b) for b in static_loader)))
-    assert s_real == real  # the same real tokens, fill pairs not counted ...
-    assert s_padded > padded  # ... in more padded ones: the price of fixed shapes
+    l1, l2 = ds.question_lengths()
+    for packed in (False, True):
+        loader, _ = make_loader(ds, "siamese", 16, shuffle=True, packed=packed, max_len=32)
+        real, padded = map(sum, zip(*(padding_stats(b) for b in loader)))
+        assert real == l1.sum() + l2.sum() and padded > real
 
 
 def test_gpu_stage_is_skipped_without_cuda_unless_named(tmp_path, pairs_csv, tiny_bert_dir):

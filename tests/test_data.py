@@ -20,7 +20,7 @@ import text
 from cli import UserError
 from conftest import REAL_8K, needs_real_data, synthetic_rows, write_csv
 from data import (FORMAT_VERSION, IGNORE_LABEL, SPLITS, BucketBatchSampler, Collator, InMemoryPairs,
-                  PairDataset, best_cuts, length_grid, load_manifest, make_loader, padding_stats)
+                  PairDataset, best_cuts, load_manifest, make_loader, pack, padding_stats, shapes_of)
 from text import check_vocab
 
 BS = 8
@@ -246,46 +246,63 @@ def test_cross_truncation_keeps_final_tokens(len1, len2, max_joined):
         assert shorter == min(len1, len2 - 1, max_joined // 2) or shorter == min(len1, len2 - 1)
 
 
-def question_rows(batch):
-    """Real tokens of each question row of a siamese batch, rows in cat(chunks) order."""
-    return [ids[m.bool()].tolist() for t, mt in zip(batch["q_ids"], batch["q_mask"]) for ids, m in zip(t, mt)]
+def packed_sequences(batch):
+    """{sequence id: (tokens, positions, segment ids or None)} read back from packed rows."""
+    ids, pos, seg = (batch[k].flatten() for k in ("packed_ids", "packed_pos", "packed_seg"))
+    types = batch["packed_types"].flatten() if "packed_types" in batch else None
+    out = {}
+    for s in sorted(set(seg.tolist()) - {-1}):
+        at = (seg == s).nonzero().flatten()
+        out[s] = (ids[at].tolist(), pos[at].tolist(), None if types is None else types[at].tolist())
+    return out
 
 
 @pytest.mark.parametrize("layout", ["siamese", "cross"])
 @pytest.mark.parametrize("n", [9, 16])  # a short last batch, and a full one
-def test_static_batches_have_fixed_shapes_and_the_same_content(layout, n):
-    """Static shapes: always batch_size pairs (a short batch is filled with copies marked index -1
-    and IGNORE_LABEL), siamese groups of equal row counts, every length on the grid; every real
-    pair's tokens, positions and segment ids are those of the exact collation."""
-    B, grid = 16, length_grid(64)
+def test_packed_batches_hold_every_sequence_whole(layout, n):
+    """Packed: always batch_size pairs (a short batch is filled with copies marked index -1 and
+    IGNORE_LABEL); every sequence sits whole and in order in one row, positions restart at 0,
+    segment ids are the exact collation's; the row count is a multiple of 4; nothing else is in
+    the rows but padding."""
+    B, row_len = 16, 64
     items = make_items(n, seed=1)
     exact = Collator(layout, PAD, chunks=2)(items)
-    static = Collator(layout, PAD, chunks=4, batch_size=B, grid=grid)(items)
-    assert static["index"].tolist() == list(range(n)) + [-1] * (B - n)
-    assert static["labels"].tolist() == [i % 2 for i in range(n)] + [IGNORE_LABEL] * (B - n)
+    packed = Collator(layout, PAD, batch_size=B, row_len=row_len)(items)
+    assert packed["index"].tolist() == list(range(n)) + [-1] * (B - n)
+    assert packed["labels"].tolist() == [i % 2 for i in range(n)] + [IGNORE_LABEL] * (B - n)
+    rows, length = packed["packed_ids"].shape
+    assert length == row_len and rows % 4 == 0
+    seqs = packed_sequences(packed)
     if layout == "siamese":
-        assert [tuple(t.shape) for t in static["q_ids"]] == [(2 * B // 4, t.shape[1]) for t in static["q_ids"]]
-        assert all(t.shape[1] in grid for t in static["q_ids"])
-        rows, exact_rows = question_rows(static), question_rows(exact)
-        for key in ("q1_pos", "q2_pos"):
-            for i in range(n):
-                assert rows[static[key][i]] == exact_rows[exact[key][i]]
+        expected = [q1 for _, q1, _, _ in items] + [items[0][1]] * (B - n) + \
+                   [q2 for _, _, q2, _ in items] + [items[0][2]] * (B - n)
+        assert sorted(seqs) == list(range(2 * B))
+        for s, q in enumerate(expected):
+            assert seqs[s][0] == q.tolist() and seqs[s][1] == list(range(len(q)))
     else:
-        assert static["input_ids"].shape[0] == B and static["input_ids"].shape[1] in grid
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
-            width = exact[key].shape[1]
-            assert torch.equal(static[key][:n, :width], exact[key])
-            assert (static[key][:n, width:] == (PAD if key == "input_ids" else 0)).all()
+        assert sorted(seqs) == list(range(B))
+        for i in range(n):
+            real = exact["attention_mask"][i].bool()
+            assert seqs[i][0] == exact["input_ids"][i][real].tolist()
+            assert seqs[i][2] == exact["token_type_ids"][i][real].tolist()
+            assert seqs[i][1] == list(range(int(real.sum())))
+    real_tokens = sum(len(v[0]) for v in seqs.values())
+    assert (packed["packed_seg"] >= 0).sum() == real_tokens
+    assert (packed["packed_ids"][packed["packed_seg"] < 0] == PAD).all()
 
 
-def test_length_grid_is_short_and_bounded():
-    """Even lengths from 8 growing ~15% a step up to max_len: rounding up pads a row by at most 1/6
-    (or 2 tokens); the cross layout's joined lengths (up to 255) take a few more."""
-    for max_len, most in ((128, 20), (255, 25)):
-        grid = length_grid(max_len)
-        assert grid[0] == 8 and grid[-1] == max_len and len(grid) <= most, grid
-        assert all(b > a for a, b in zip(grid, grid[1:]))
-        assert all((b - a) / b <= 1 / 6 or b - a <= 2 for a, b in zip(grid, grid[1:])), grid
+def test_pack_is_first_fit_decreasing_and_never_splits():
+    """Every sequence whole in one row, no overlap, and no more rows than first-fit-decreasing's
+    guarantee (11/9 of the optimum, + 1)."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 33, rng.integers(1, 60))
+        row, start, n_rows = pack(lengths, 32)
+        used = np.zeros((n_rows, 32), int)
+        for r, s, n in zip(row, start, lengths):
+            assert s + n <= 32 and not used[r, s:s + n].any()
+            used[r, s:s + n] = 1
+        assert n_rows <= int(np.ceil(lengths.sum() / 32)) * 11 / 9 + 1
 
 
 # ----------------------------------------------------------------------------- padding efficiency
@@ -321,6 +338,47 @@ def test_padding_efficiency_real_8k(real_prep):
     ds = PairDataset(real_prep, "train")
     bucketed, notebook = bucketed_efficiency(ds), notebook_efficiency(ds)
     assert bucketed >= 0.90 and notebook < 0.5, (bucketed, notebook)
+
+
+def epoch_shapes(data_dir):
+    """Per split, over one epoch of packed batches as train.py makes them on a GPU (batch 128 for
+    training, 256 for scoring): (distinct encoder input shapes, real / padded tokens)."""
+    out = {}
+    for split, bs in (("train", 128), ("validation", 256), ("test", 256)):
+        loader, _ = make_loader(PairDataset(data_dir, split), "siamese", bs, shuffle=split == "train", packed=True)
+        shapes, real, padded = set(), 0, 0
+        for batch in loader:
+            shapes.update(shapes_of(batch))
+            r, p = padding_stats(batch)
+            real, padded = real + r, padded + p
+        out[split] = (shapes, real / padded)
+    return out
+
+
+@needs_real_data
+def test_packed_epochs_take_few_shapes_real_8k(real_prep):
+    """The real 8k rows: every split's epoch in at most 4 shapes, >= 80% of tokens real on the
+    training split (the small evaluation splits end in one short, filled batch)."""
+    shapes = epoch_shapes(real_prep)
+    print({k: (sorted(v[0]), round(v[1], 3)) for k, v in shapes.items()})
+    assert all(len(s) <= 4 for s, _ in shapes.values())
+    assert shapes["train"][1] >= 0.90 and min(share for _, share in shapes.values()) >= 0.75
+
+
+@needs_real_data
+def test_packed_epochs_take_few_shapes_synthesized_404k(tmp_path_factory):
+    """Kaggle's size, 404,290 rows synthesized from the real questions: at most 4 shapes per
+    split over a whole epoch, and >= 90% of the encoder's tokens real in every split."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    folder = tmp_path_factory.mktemp("synth")
+    subprocess.run([sys.executable, "synth_qqp.py", REAL_8K, str(folder / "s.csv")], cwd=ROOT, check=True,
+                   capture_output=True)
+    shapes = epoch_shapes(preprocess_into(folder / "s.csv", folder / "prep"))
+    print({k: (sorted(v[0]), round(v[1], 3)) for k, v in shapes.items()})
+    assert all(len(s) <= 4 for s, _ in shapes.values())
+    assert all(share >= 0.90 for _, share in shapes.values())
 
 
 # ----------------------------------------------------------------------------- datasets

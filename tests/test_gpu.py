@@ -1,4 +1,4 @@
-"""The CUDA path, on a GPU only (`python -m pytest -q -m gpu`; skipped without CUDA): static shapes,
+"""The CUDA path, on a GPU only (`python -m pytest -q -m gpu`; skipped without CUDA): packed batches,
 torch.compile with CUDA graphs, bf16, and that they compute what the plain CPU path computes."""
 import json
 import os
@@ -9,30 +9,30 @@ import torch
 import engine
 import train
 from conftest import TINY_BERT
-from data import PairDataset, make_loader, shapes_of, to_device
+from data import Collator, PairDataset, to_device
 from model import ModelConfig, build_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_train_py_defaults_on_cuda_use_static_shapes_and_cuda_graphs(tmp_path, tiny_data, tiny_bert_dir, capsys):
-    """A user's plain command on a GPU: bf16, static shapes, compiled with CUDA graphs; it learns
+def test_train_py_defaults_on_cuda_use_packed_batches_and_cuda_graphs(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """A user's plain command on a GPU: bf16, packed batches, compiled with CUDA graphs; it learns
     the synthetic task and its batches take only a few shapes."""
     out = str(tmp_path / "out")
     train.main(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, "--epochs", "4", "--bs", "16",
                 "--lr", "1e-3", "--out_dir", out, "--log_every_steps", "5"])
     printed = capsys.readouterr().out
-    assert "precision bf16" in printed and "shapes static (4 encoder calls per batch)" in printed
+    assert "precision bf16" in printed and "batches packed" in printed
     assert "compile reduce-overhead" in printed
     distinct = int(printed.split("batch shapes seen by the encoder: ")[1].split()[0])
-    assert distinct <= 24
+    assert distinct <= 4
     with open(os.path.join(out, "test_results.json")) as f:
         assert json.load(f)["accuracy"] > 0.75
 
 
 def test_compiled_bf16_step_matches_the_cpu_step(tiny_data):
-    """The first training loss of the compiled, CUDA-graphed, bf16, static-shape step equals the
+    """The first training loss of the compiled, CUDA-graphed, bf16, packed step equals the
     plain fp32 CPU loss on the same pairs (no dropout) to bf16 precision; scores likewise."""
     cfg = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     torch.manual_seed(0)
@@ -44,12 +44,11 @@ def test_compiled_bf16_step_matches_the_cpu_step(tiny_data):
     gpu_model.to(rt.device)
     compiled = engine.prepare_model(gpu_model, rt, engine.resolve_compile("auto", rt))
     ds = PairDataset(tiny_data, "train")
+    items = [ds[i] for i in range(16)]  # the same pairs, exact on the CPU, packed on the GPU
     losses = {}
-    for name, model, runtime, static in (("cpu", cpu_model, cpu, False), ("gpu", compiled, rt, True)):
-        loader, sampler = make_loader(ds, "siamese", 16, shuffle=True, seed=0, static_shapes=static, chunks=4 if static else 2)
-        batch = next(iter(loader))
-        if static:
-            assert all(s[0] == 8 for s in shapes_of(batch))
+    for name, model, runtime, packed in (("cpu", cpu_model, cpu, False), ("gpu", compiled, rt, True)):
+        pad = ds.manifest["pad_token_id"]
+        batch = (Collator("siamese", pad, batch_size=16, row_len=32) if packed else Collator("siamese", pad))(items)
         opt = engine.build_optimizer(model, 0.0, 0.0, runtime)  # lr 0: the step changes nothing
         sched = engine.build_scheduler(opt, 10, 0.0)
         losses[name] = engine.train_step(model, [to_device(batch, runtime.device)], 16, opt, sched,

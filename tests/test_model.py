@@ -206,13 +206,13 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def test_score_puts_scores_back_in_dataset_order_and_drops_fill(tiny_data):
-    """engine.score over length-sorted static batches (with fill pairs) returns, for every pair
+    """engine.score over packed batches in random order (with fill pairs) returns, for every pair
     of the split in split order, what the model gives that pair alone."""
     from data import make_loader
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder_config=TINY_BERT)).eval()
     ds = PairDataset(tiny_data, "validation")
-    loader, _ = make_loader(ds, "siamese", 16, shuffle=False, static_shapes=True, chunks=4)
+    loader, _ = make_loader(ds, "siamese", 16, shuffle=False, packed=True)
     scores = engine.score(engine.probability(model), loader, len(ds), CPU, verbose=False)
     collate = Collator("siamese", ds.manifest["pad_token_id"])
     with torch.no_grad():
