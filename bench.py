@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -52,12 +51,13 @@ from torch import optim
 import engine
 import reference
 from cli import UserError, arg, parse_config, run
+from report import format_table, git_commit, machine_info, row, versions
 from data import PairDataset, make_loader, padding_stats, shapes_of, to_device
 from model import BUNDLED_MODEL, ModelConfig, build_model
 from text import load_tokenizer, read_pairs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("preprocess", "data", "padding", "train", "infer", "gpu")
+STAGES = ("preprocess", "data", "padding", "train", "infer", "search", "gpu")
 NOTEBOOK_EPOCH_PAIRS = 461_792         # the notebook's training set (80% of 577,240 augmented pairs)
 NOTEBOOK_EPOCH_MINUTES = 21.6          # its logged epoch time on Colab's GPU (3608 steps in 21:36)
 DISTILBERT_CONFIG = "distilbert-config"
@@ -580,75 +580,32 @@ def stage_gpu(ws, cfg, plan, rt, report):
     return result
 
 
+def stage_search(ws, cfg, plan, rt):
+    """Index build questions/s, exact and ANN top-10 latency over the questions of a --rows-row file
+    (537,933 for 404,290), index sizes (retrieval.bench_search: on the CPU a sample of the real
+    questions is embedded and the corpus is random unit vectors; on CUDA the synthesized file's
+    questions are all embedded)."""
+    import retrieval
+    encoder = BUNDLED_MODEL if plan.encoder == DISTILBERT_CONFIG else plan.encoder
+    r = retrieval.bench_search(encoder, synthesize(ws)[0] if rt.cuda else cfg.data, rt, 2 * cfg.batch_size,
+                               cfg.seed, rows=cfg.rows, embed_all=rt.cuda)
+    ex, ann, build = r["exact"], r["ann"], r["build"]
+    recall, speedup = ann["recall_at_10_vs_exact"], ex["single_p95_ms"] / ann["p95_ms"]
+    return {**r, "ratio": speedup, "rows": [
+        row("search", f"index build: questions / s ({build['questions']:,})", build["questions_per_sec"], None, None),
+        row("search", f"exact top-10, {r['vectors']:,} vectors: p95 ms / query (batches of {ex['query_batch']})",
+            ex["batched_p95_ms"], None, None, "< 100 ms", ex["batched_p95_ms"] < 100),
+        row("search", "  exact, one query at a time: p95 ms", ex["single_p95_ms"], None, None),
+        row("search", f"ANN top-10 (IVF, nprobe {ann['nprobe']}): p95 ms vs exact one at a time", ann["p95_ms"],
+            ex["single_p95_ms"], speedup, "< 10 ms", ann["p95_ms"] < 10),
+        row("search", f"ANN recall@10 vs exact ({r['corpus'].split(' (')[0]})", recall, None, None, ">= 0.95",
+            recall >= 0.95),
+        row("search", "index on disk MB (fp16 vectors, norms, ANN)", r["disk_mb"], None, None),
+        row("search", "search memory MB (exact matrix, ANN)", sum(r["memory_mb"].values()), None, None)]}
+
+
 STAGE_FUNCTIONS = {"preprocess": stage_preprocess, "data": stage_data, "padding": stage_padding,
-                   "train": stage_train, "infer": stage_infer}
-
-
-# ----------------------------------------------------------------------------- report
-
-def row(stage, measure, ours, reference_value, ratio, target="-", passed=None):
-    def num(v):  # numpy scalars -> plain JSON numbers
-        return v if v is None or isinstance(v, str) else float(v)
-    return {"stage": stage, "measure": measure, "ours": num(ours), "notebook": num(reference_value),
-            "ratio": num(ratio), "target": target, "pass": passed if passed is None else bool(passed)}
-
-
-def fmt(v):
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if abs(v) >= 100:
-        return f"{v:,.0f}"
-    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
-
-
-def format_table(rows):
-    head = ("stage", "measure", "ours", "reference", "ratio", "target", "result")
-    cells = [[r["stage"], r["measure"], fmt(r["ours"]), fmt(r["notebook"]),
-              "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["target"],
-              {True: "PASS", False: "FAIL", None: "-"}.get(r["pass"], r["pass"])] for r in rows]
-    widths = [max(len(str(c[i])) for c in [head, *cells]) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in
-                       enumerate(zip(line, widths))) for line in [head, *cells]]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def machine_info(rt):
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(), "gpu": None}
-    if rt.cuda:
-        props = torch.cuda.get_device_properties(rt.device)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1),
-                    gpu_capability=f"{props.major}.{props.minor}")
-    return info
-
-
-def versions():
-    import tokenizers
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "numpy": np.__version__}
-
-
-def git_commit():
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else None
+                   "train": stage_train, "infer": stage_infer, "search": stage_search}
 
 
 # ----------------------------------------------------------------------------- main
