@@ -65,20 +65,27 @@ def load_encoder(cfg):
     if cfg.encoder_config:
         hf_cfg = AutoConfig.for_model(**cfg.encoder_config)
         return AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
-    path = resolve_model(cfg.encoder)
+    return from_local_or_hub(lambda path, **kw: AutoModel.from_pretrained(path, attn_implementation="sdpa", **kw),
+                             cfg.encoder, "model weights")
+
+
+def from_local_or_hub(load, name, what):
+    """load(path, **kwargs) for a model name or folder: a local folder or the HF cache first (it
+    fails fast offline instead of retrying the hub), then the hub; a UserError when neither has it."""
+    path = resolve_model(name)
     try:
-        return AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+        return load(path, local_files_only=True)
     except (OSError, ValueError):
         if os.path.isdir(path):
-            raise UserError(f"{path}: no model weights in this folder", "pass a folder saved with "
-                            "save_pretrained(), or omit --encoder to use the bundled default") from None
-        print(f"'{cfg.encoder}' is not cached locally; trying the Hugging Face hub ...", flush=True)
+            raise UserError(f"{path}: no {what} in this folder", "pass a folder saved with save_pretrained(), "
+                            f"or omit --encoder to use the bundled default ({BUNDLED_MODEL})") from None
+        print(f"'{name}' is not cached locally; trying the Hugging Face hub ...", flush=True)
         try:
-            return AutoModel.from_pretrained(path, attn_implementation="sdpa")
+            return load(path)
         except (OSError, ValueError):
-            raise UserError(f"cannot load encoder '{cfg.encoder}': not a local folder, not in the HF "
-                            "cache, and the hub is unreachable", "pass a local folder, or omit "
-                            f"--encoder to use the bundled offline default ({BUNDLED_MODEL})") from None
+            raise UserError(f"cannot load the {what} of '{name}': not a local folder, not in the HF cache, "
+                            "and the hub is unreachable", "pass a local folder, or omit --encoder to use "
+                            f"the bundled offline default ({BUNDLED_MODEL})") from None
 
 
 def takes_token_types(encoder):

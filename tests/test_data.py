@@ -241,9 +241,11 @@ def test_cross_truncation_keeps_final_tokens(len1, len2, max_joined):
     assert parts[0][0] == CLS
     for part, q in zip(parts, (q1, q2[1:])):
         assert part[-1] == q[-1] and part[:-1] == q[:len(part) - 1].tolist()
-    shorter = min(len(parts[0]), len(parts[1]))
-    if len1 + len2 - 1 > max_joined:
-        assert shorter == min(len1, len2 - 1, max_joined // 2) or shorter == min(len1, len2 - 1)
+    if len1 + len2 - 1 > max_joined:  # the budget rule, restated: a short question keeps all of itself
+        half, lb = max_joined // 2, len2 - 1
+        expected = (max_joined - lb, lb) if lb <= half else (len1, max_joined - len1) if len1 <= half \
+            else (max_joined - half, half)
+        assert (len(parts[0]), len(parts[1])) == expected
 
 
 def packed_sequences(batch):
