@@ -5,7 +5,7 @@
 - prepare_model: DDP and torch.compile in the right order (compile(DDP(model))); CUDA graphs.
 - train_step: one optimizer step over its micro-batches, each weighted by its pairs.
 - score / score_dataset: one scoring loop (validation, evaluate.py, predict.py, the baselines,
-  bench.py), scores put back in dataset order.
+  bench.py), scores put back in dataset order; embed: the same for single questions (index.py).
 - StopSignal, rng_state: stopping cleanly and resuming exactly.
 
 train.py, evaluate.py, predict.py, baseline_cosine.py and bench.py all run these functions, so the

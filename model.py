@@ -130,7 +130,7 @@ def encode_packed(encoder, ids, pos, seg, n, pooling, token_types=None):
     slot = torch.where(seg >= 0, seg, n).flatten()  # (R*L,) sequence of each token; padding -> n
     if pooling == "cls":  # the first token of each sequence
         slot = torch.where((pos.flatten() == 0) & (slot < n), slot, n)
-    flat = hidden.flatten(0, 1)  # (R*L, H)
+    flat = hidden.flatten(0, 1).float()  # (R*L, H); sums in fp32, as a reduction over a dim would do
     sums = torch.zeros(n + 1, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, slot, flat)
     if pooling == "cls":
         return sums[:n]

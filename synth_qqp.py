@@ -8,38 +8,47 @@ token lengths look like QQP's. Qids are reused with preferential attachment at K
 question slots, 537,933 distinct qids), so some questions become hubs as in QQP; 36.9% of the
 labels are 1. The labels carry no meaning: never train on this file to measure accuracy.
 """
-import argparse
 import csv
+import os
+from dataclasses import dataclass
 
 import numpy as np
 
+from cli import UserError, arg, parse_config, run
 from text import read_pairs
 
 KAGGLE_REUSE = 1 - 537_933 / 808_580   # share of question slots that reuse an earlier qid
 KAGGLE_POSITIVE = 149_263 / 404_290
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="real pairs file to take questions from")
-    p.add_argument("out", help="CSV to write")
-    p.add_argument("--rows", type=int, default=404_290)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+@dataclass
+class SynthConfig:
+    source: str = arg("", "real pairs file to take questions from")
+    out: str = arg("", "CSV to write")
+    rows: int = arg(404_290, "rows to write (Kaggle's train.csv: 404,290)")
+    seed: int = arg(0, "random seed")
 
-    pairs, _, _ = read_pairs(args.source)
+
+def main(argv=None):
+    run(synthesize, parse_config(SynthConfig, argv, __doc__, positional=("source", "out")))
+
+
+def synthesize(cfg):
+    if os.path.realpath(cfg.out) == os.path.realpath(cfg.source):
+        raise UserError(f"{cfg.out} is the source file: writing would destroy it", "pass another output path")
+    pairs, _, _ = read_pairs(cfg.source)
     real = sorted(set(pairs["q1"]) | set(pairs["q2"]))
     split_real = [q.split() for q in real]
     vocab = sorted({w for words in split_real for w in words})
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(cfg.seed)
 
-    slots = 2 * args.rows
+    slots = 2 * cfg.rows
     reuse = rng.random(slots) < KAGGLE_REUSE
     base = rng.integers(len(real), size=slots)
     swap_word = rng.integers(len(vocab), size=slots)
     swap_at = rng.random(slots)
     pick = rng.random(slots)
-    labels = (rng.random(args.rows) < KAGGLE_POSITIVE).astype(int)
+    labels = (rng.random(cfg.rows) < KAGGLE_POSITIVE).astype(int)
 
     texts = []         # text of each qid (qid = index + 1)
     slot_qid = np.zeros(slots, np.int64)
@@ -50,10 +59,10 @@ def main(argv=None):
         texts.append(" ".join(words))
         return len(texts)
 
-    with open(args.out, "w", newline="", encoding="utf-8") as f:
+    with open(cfg.out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["id", "qid1", "qid2", "question1", "question2", "is_duplicate"])
-        for r in range(args.rows):
+        for r in range(cfg.rows):
             qids = []
             for k in (2 * r, 2 * r + 1):
                 if reuse[k] and k > 0:  # an earlier slot's qid: popular questions get popular
@@ -65,7 +74,7 @@ def main(argv=None):
             if qids[0] == qids[1]:
                 qids[1] = slot_qid[2 * r + 1] = new_question(2 * r + 1)
             w.writerow([r, qids[0], qids[1], texts[qids[0] - 1], texts[qids[1] - 1], labels[r]])
-    print(f"wrote {args.out}: {args.rows:,} rows, {len(texts):,} distinct qids, "
+    print(f"wrote {cfg.out}: {cfg.rows:,} rows, {len(texts):,} distinct qids, "
           f"{labels.mean():.1%} positive")
 
 
