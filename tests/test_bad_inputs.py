@@ -145,6 +145,9 @@ def test_out_dir_that_is_a_file_or_a_foreign_folder_is_refused_before_work(tmp_p
     (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
     assert "not a data folder" in fails(preprocess.main, [pairs_csv, "--out_dir", str(foreign)], capsys)
     assert (foreign / "cat.jpg").read_bytes() == b"\xff\xd8" and a_file.read_text() == "mine"
+    import train
+    assert "is a file" in fails(train.main, ["--out_dir", str(a_file)], capsys)
+    assert a_file.read_text() == "mine"
 
 
 def test_a_very_long_question_is_read_and_truncated(tmp_path, capsys):
@@ -185,6 +188,9 @@ def test_exported_hf_folder_loads_in_sentence_transformers_with_its_pooling(tmp_
     train.main(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, "--epochs", "1", "--max_steps", "2",
                 "--bs", "16", "--num_workers", "0", "--pooling", pooling, "--out_dir", out])
     hf = os.path.join(out, "hf")
+    from transformers import AutoModel
+    _, info = AutoModel.from_pretrained(hf, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # no "pooler MISSING" warning
     with open(os.path.join(hf, "modules.json")) as f:
         assert [m["type"] for m in json.load(f)][:2] == ["sentence_transformers.models.Transformer",
                                                          "sentence_transformers.models.Pooling"]
