@@ -36,10 +36,8 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -51,7 +49,8 @@ from torch import optim
 import engine
 import reference
 from cli import UserError, arg, parse_config, run
-from report import format_table, git_commit, machine_info, row, versions
+from measure import (attention_kernels, format_table, git_commit, machine_info, matmul_tflops, row, run_child,
+                     sync, versions)
 from data import PairDataset, make_loader, padding_stats, shapes_of, to_device
 from model import BUNDLED_MODEL, ModelConfig, build_model
 from text import load_tokenizer, read_pairs
@@ -117,12 +116,6 @@ def make_plan(cfg, rt):
                 warmup_steps=pick(cfg.warmup_steps, 2, 40), train_steps=train_steps,
                 reference_steps=pick(cfg.reference_steps, train_steps, 60),
                 infer_pairs=pick(cfg.infer_pairs, 1024, 65_536), num_workers=pick(cfg.num_workers, 0, 2))
-
-
-def sync(rt):
-    """Timings end only when the GPU has finished the work queued so far."""
-    if rt.cuda:
-        torch.cuda.synchronize(rt.device)
 
 
 class Workspace:
@@ -195,6 +188,11 @@ class Workspace:
         q1, q2, labels = self.texts
         return [q1[i] for i in rows], [q2[i] for i in rows], [labels[i] for i in rows]
 
+    def first_batch(self):
+        """One batch of ours on the device, as training makes it."""
+        loader, _ = self.loader(self.sample(self.cfg.batch_size, salt=3), self.cfg.batch_size, shuffle=False)
+        return to_device(next(iter(loader)), self.rt.device)
+
     def loader(self, rows, batch_size, shuffle, seed=0):
         """Ours, as train.py makes it on this device."""
         return make_loader(self.subset(rows), self.layout, batch_size, shuffle=shuffle, seed=seed,
@@ -216,27 +214,6 @@ def synthesize(ws):
         counts = json.load(f)["counts"]
     ws.synth = synth, out, {"seconds": seconds, "peak_rss_gb": peak_gb, **counts}
     return ws.synth
-
-
-def run_child(argv, tmp, name, timeout=None):
-    """Run a script of this repo in a subprocess: (wall seconds, its own peak RSS in GB); its
-    output goes to <tmp>/<name>.log, whose end is shown if it fails."""
-    log_path = os.path.join(tmp, f"{name}.log")
-    with open(log_path, "w") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
-        if timer:
-            timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not earlier children's
-        seconds = time.perf_counter() - t0
-        if timer:
-            timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            raise RuntimeError(f"{name} failed (exit {proc.returncode}, {seconds:.0f} s):\n{f.read()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024 / 1e9  # Linux reports kilobytes
 
 
 # ----------------------------------------------------------------------------- stages
@@ -482,39 +459,6 @@ def stage_infer(ws, cfg, plan, rt):
                          result["notebook"]["pairs_per_sec"], ratio, target, ok)]}
 
 
-def matmul_tflops(rt, dtype, n, reps):
-    """Measured dense matmul rate, the denominator of MFU."""
-    a = torch.randn(n, n, device=rt.device, dtype=dtype)
-    b = torch.randn(n, n, device=rt.device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(rt)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(rt)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
-
-
-def attention_kernels(ws, cfg, rt):
-    """Names of the GPU kernels one training forward runs for attention (what SDPA picked)."""
-    loader, _ = ws.loader(ws.sample(cfg.batch_size, salt=3), cfg.batch_size, shuffle=False)
-    batch = to_device(next(iter(loader)), rt.device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, rt.autocast():
-        ws.models["ours"](batch)
-        sync(rt)
-    names = {e.key for e in prof.key_averages()}
-    return sorted(n for n in names if any(w in n.lower() for w in ("attention", "fmha", "flash", "cudnn", "sdpa")))[:8]
-
-
-def attention_kernels_or_why(ws, cfg, rt):
-    """A diagnostic: the profiler may be unavailable (no CUPTI); say so instead of failing."""
-    try:
-        return attention_kernels(ws, cfg, rt)
-    except Exception as e:  # any profiler failure: the benchmark's numbers stand without it
-        return f"profiler unavailable: {type(e).__name__}: {str(e)[:200]}"
-
-
 def end_to_end(ws, cfg, rt):
     """train.py --epochs 1 on the synthesized file, bundled MiniLM, as a user runs it; the
     preprocessing before it is timed apart (synthesize)."""
@@ -553,7 +497,7 @@ def stage_gpu(ws, cfg, plan, rt, report):
     ours, nb = sides["ours"], sides["notebook"]
     smoke = "" if rt.cuda else " [cpu smoke]"
     result = {"measured_matmul_tflops": peak, "matmul_dtype": str(dtype), "non_embedding_params": n_params,
-              "attention_backend": rt.attention, "attention_kernels": attention_kernels_or_why(ws, cfg, rt) if rt.cuda else None,
+              "attention_backend": rt.attention, "attention_kernels": attention_kernels(ws.models["ours"], ws.first_batch(), rt) if rt.cuda else None,
               "smoke_check_on": None if rt.cuda else rt.device.type,
               **{k: {m: s.get(m) for m in ("mfu", "data_wait_share", "epoch_seconds", "pairs_per_sec",
                                            "peak_memory_gb", "compile_seconds", "distinct_shapes")}

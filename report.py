@@ -1,6 +1,5 @@
 """Reporting scores: thresholds tuned on validation, the notebook's printout at each threshold,
-plots, per-pair scores and results.json (evaluate.py, baseline_cosine.py); and the benchmark's
-rows, table and the machine it ran on (bench.py).
+plots, per-pair scores and results.json. Shared by evaluate.py and baseline_cosine.py.
 
 A threshold picked on the split it is scored on flatters that split, so tuned thresholds never
 come from the reported split; where they must (the validation split itself), they are labelled
@@ -8,11 +7,8 @@ in-sample.
 """
 import json
 import os
-import platform
-import subprocess
 
 import numpy as np
-import torch
 
 import metrics
 
@@ -150,73 +146,3 @@ def file_stem(path):
     name = os.path.basename(path)
     name = name[:-3] if name.endswith(".gz") else name
     return os.path.splitext(name)[0]
-
-
-# ----------------------------------------------------------------------------- benchmark tables
-
-def row(stage, measure, ours, reference_value, ratio, target="-", passed=None):
-    """One line of the benchmark table (reference_value: the notebook's, or the named reference's)."""
-    def num(v):  # numpy scalars -> plain JSON numbers
-        return v if v is None or isinstance(v, str) else float(v)
-    return {"stage": stage, "measure": measure, "ours": num(ours), "notebook": num(reference_value),
-            "ratio": num(ratio), "target": target, "pass": passed if passed is None else bool(passed)}
-
-
-def fmt(v):
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if abs(v) >= 100:
-        return f"{v:,.0f}"
-    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
-
-
-def format_table(rows):
-    head = ("stage", "measure", "ours", "reference", "ratio", "target", "result")
-    cells = [[r["stage"], r["measure"], fmt(r["ours"]), fmt(r["notebook"]),
-              "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["target"],
-              {True: "PASS", False: "FAIL", None: "-"}.get(r["pass"], r["pass"])] for r in rows]
-    widths = [max(len(str(c[i])) for c in [head, *cells]) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in
-                       enumerate(zip(line, widths))) for line in [head, *cells]]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def machine_info(rt):
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(), "gpu": None}
-    if rt.cuda:
-        props = torch.cuda.get_device_properties(rt.device)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1),
-                    gpu_capability=f"{props.major}.{props.minor}")
-    return info
-
-
-def versions():
-    import tokenizers
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "numpy": np.__version__}
-
-
-def git_commit():
-    """The commit this code is at, marked when the work tree has uncommitted changes."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else None
