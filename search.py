@@ -1,0 +1,308 @@
+"""Find the questions already asked that a new question duplicates, in an index of index.py.
+
+    # CPU smoke, on the index of index.py's smoke run (seconds):
+    python search.py runs/idx8k "How can I learn Python quickly?" --k 5
+    # the retrieval benchmark of the real 8k rows (fine-tuned encoder, classifier rerank), ~2 min:
+    python index.py out/qqp8k/ckpt.pt data/qqp8k --out_dir runs/index_ft8k
+    python search.py runs/index_ft8k --eval data/qqp8k --rerank
+    # GPU, a file of new questions against Kaggle's 538k, through the ANN index:
+    python search.py runs/index --queries new_questions.csv --out matches.csv --ann --batch_size 2048
+
+Modes:
+    one query        the top --k questions by cosine, printed (stdout holds only the answer)
+    --queries FILE   a CSV/TSV with a question column, a .txt (one a line) or a pairs file -> --out CSV,
+                     --k rows per usable query; unusable rows counted, listed in <out>.rejects.tsv
+    --eval DATA_DIR  the benchmark (index of that folder): every test question with a labelled
+                     duplicate in the test split is a query, its duplicates (transitive closure inside
+                     the split) are the answers, the corpus is every question of every split but the
+                     query; recall@1/5/10, MRR@10, nDCG@10 -> results.json, per_query.csv, a table row
+    --speed          exact and ANN latency on this index, 200 of its rows as queries -> speed.json
+
+Search is exact by default: cosine of L2-normalized vectors, a chunked matmul over the whole index
+(on the GPU when there is one). --ann searches the index's faiss IVF index instead (index.py --ann)
+and reports its recall@k against exact search on (up to 1,000 of) the same queries. --bm25 is the
+lexical baseline over the question texts. --rerank re-scores the top --rerank_depth candidates with
+the checkpoint's pair classifier and orders them by its duplicate probability, printed next to the
+cosine.
+
+Queries are embedded with the model the index was built with (its manifest names it); a checkpoint
+that changed since, or another model, is refused: their vectors are not comparable.
+"""
+import csv
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Literal
+
+import numpy as np
+
+import engine
+import retrieval
+from cli import UserError, arg, parse_config, run
+from text import write_rejects
+
+
+@dataclass
+class SearchConfig:
+    index: str = arg("", "index folder written by index.py")
+    query: str = arg("", "one question, in quotes")
+    queries: str = arg("", "many questions: a CSV/TSV with a question column, a .txt, or a pairs file")
+    out: str = arg("search_results.csv", "where --queries results go (never over an input or an existing file)")
+    overwrite: bool = arg(False, "replace an existing --out file")
+    eval: str = arg("", "the retrieval benchmark on this data folder (the index must be of this folder)")
+    speed: bool = arg(False, "measure exact and ANN latency on this index")
+    out_dir: str = arg("", "--eval / --speed results (default runs/search/<index>_<system>)")
+    k: int = arg(10, "answers per query")
+    ann: bool = arg(False, "search the index's ANN index (index.py --ann) instead of all vectors")
+    nprobe: int = arg(0, "IVF lists probed with --ann (0: the one calibrated when the index was built)")
+    bm25: bool = arg(False, "the lexical baseline: BM25 over the question texts instead of the vectors")
+    rerank: bool = arg(False, "re-score the top --rerank_depth with the checkpoint's pair classifier")
+    rerank_depth: int = arg(50, "candidates --rerank re-scores")
+    checkpoint: str = arg("", "the index's checkpoint where it is now, if it moved (fingerprint-checked)")
+    batch_size: int = arg(256, "queries per encoder pass", aliases=["--bs"])
+    num_workers: int = arg(0, "DataLoader workers collating batches")
+    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+
+
+def main(argv=None):
+    cfg = parse_config(SearchConfig, argv, __doc__, positional=("index", "query"), optional=("query",))
+    run(search, cfg)
+
+
+def search(cfg):
+    check_config(cfg)
+    index = retrieval.Index(cfg.index)
+    if cfg.ann:
+        index.ann  # fail now, not after the queries are embedded, if it has none
+    if cfg.eval:
+        retrieval.check_index_of_folder(index, cfg.eval)
+    elif not cfg.speed:
+        check_k(cfg.k, len(index))
+    qe = None if cfg.speed or cfg.bm25 and not cfg.rerank else load_index_model(cfg, index)
+    qs = retrieval.read_questions(cfg.queries, distinct=False) if cfg.queries else None
+    # Inputs are valid: now the device, its banner on stderr (stdout holds the answer).
+    rt = engine.setup_runtime(cfg.device, cfg.precision, file=sys.stderr)
+    if qe is not None:
+        qe.to(rt.device)
+    if cfg.speed:
+        return speed(cfg, index, rt)
+    if cfg.eval:
+        return evaluate(cfg, index, qe, rt)
+    texts = qs.texts if qs else [cfg.query.strip()]
+    scores, rows, probs, ann_recall = retrieve(cfg, index, qe, texts, rt, np.zeros((len(texts), 0), np.int64))
+    score_name = "bm25" if cfg.bm25 else "cosine"
+    if qs is None:
+        print_answers(texts[0], scores[0], rows[0], None if probs is None else probs[0], *index.questions,
+                      score_name)
+    else:
+        write_answers(cfg.out, texts, qs.ids, scores, rows, probs, *index.questions, score_name)
+        if qs.rejects:
+            write_rejects(f"{cfg.out}.rejects.tsv", qs.rejects)
+        print(f"{cfg.queries}: {qs.rows_read:,} rows, {len(qs.rejects):,} rejected"
+              f"{' (see ' + cfg.out + '.rejects.tsv)' if qs.rejects else ''}; wrote the top {cfg.k} of "
+              f"{len(index):,} questions for {len(texts):,} queries to {cfg.out}")
+    if ann_recall is not None:
+        print(f"ANN recall@{cfg.k} vs exact search on these queries: {ann_recall:.3f}", file=sys.stderr)
+
+
+def check_config(cfg):
+    """Every flag checked, and the output places made safe, before any work."""
+    modes = [m for m, on in (("a query", cfg.query.strip()), ("--queries", cfg.queries), ("--eval", cfg.eval),
+                             ("--speed", cfg.speed)) if on]
+    if not modes:
+        raise UserError("no question to search for (the query is empty or missing)",
+                        'pass a question in quotes, e.g. search.py runs/index "How do I learn Python?", or '
+                        "--queries FILE, --eval DATA_DIR or --speed")
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} together", "pass one of them")
+    if cfg.k < 1 or cfg.rerank_depth < 1 or cfg.nprobe < 0 or cfg.batch_size < 1 or cfg.num_workers < 0:
+        raise UserError(f"--k {cfg.k} --rerank_depth {cfg.rerank_depth} --nprobe {cfg.nprobe} --batch_size "
+                        f"{cfg.batch_size} --num_workers {cfg.num_workers}: out of range",
+                        "k, rerank_depth and batch_size >= 1; nprobe and num_workers >= 0")
+    if cfg.ann and cfg.bm25:
+        raise UserError("--ann and --bm25 together", "--ann searches the vectors approximately, --bm25 the "
+                        "texts: pick one")
+    if cfg.nprobe and not (cfg.ann or cfg.speed):
+        raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
+    inputs = [os.path.realpath(p) for p in (cfg.index, cfg.queries, cfg.eval, cfg.checkpoint) if p]
+    if cfg.queries:
+        out = os.path.realpath(cfg.out)
+        if any(out == p or out.startswith(p + os.sep) for p in inputs) or \
+                os.path.realpath(cfg.out + ".rejects.tsv") in inputs:
+            raise UserError(f"--out {cfg.out} is or lies in an input: writing would change it",
+                            "pass another --out")
+        if os.path.isdir(cfg.out):
+            raise UserError(f"--out {cfg.out} is a folder", "pass a file path, e.g. --out matches.csv")
+        if os.path.exists(cfg.out) and not cfg.overwrite:
+            raise UserError(f"--out {cfg.out} exists", "pass --overwrite to replace it, or another --out")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(cfg.out))):
+            raise UserError(f"--out {cfg.out}: its folder does not exist", "create it, or pass another --out")
+    out_dir = os.path.realpath(cfg.out_dir or results_dir(cfg))
+    if (cfg.eval or cfg.speed) and any(out_dir == p or out_dir.startswith(p + os.sep) for p in inputs):
+        raise UserError(f"--out_dir {out_dir} is or lies in an input: writing would change it",
+                        "pass another --out_dir")
+
+
+def check_k(k, corpus):
+    if k > corpus:
+        raise UserError(f"--k {k}: the corpus holds only {corpus:,} questions", f"use --k {corpus} or less")
+
+
+def load_index_model(cfg, index):
+    """The model the index was built with (the manifest names it), refused unless its fingerprint
+    is the index's: another model's, or a retrained checkpoint's, vectors are not comparable."""
+    rec = index.manifest["model"]
+    if cfg.checkpoint or rec["kind"] == "checkpoint":
+        path = cfg.checkpoint or rec["checkpoint"]
+        if not os.path.isfile(path):
+            raise UserError(f"the index's checkpoint {path} is missing", "pass --checkpoint where it is now")
+        qe = retrieval.load_question_encoder(checkpoint=path)
+    else:
+        qe = retrieval.load_question_encoder(encoder=rec["encoder"], max_len=rec["max_len"])
+    if qe.record["fingerprint"] != rec["fingerprint"]:
+        raise UserError(f"{cfg.index} was built with {retrieval.describe_model(rec)} (fingerprint "
+                        f"{rec['fingerprint']}), but {retrieval.describe_model(qe.record)} has fingerprint "
+                        f"{qe.record['fingerprint']}: another model, or the checkpoint changed since",
+                        retrieval.rebuild_fix({**index.manifest, "model": qe.record}, cfg.index))
+    if cfg.rerank and qe.classifier is None:
+        raise UserError(f"--rerank needs a checkpoint's pair classifier; {cfg.index} was built with "
+                        f"{retrieval.describe_model(rec)}", "index with a siamese checkpoint: python "
+                        "index.py out/ckpt.pt INPUT --out_dir NEW_INDEX")
+    return qe
+
+
+def retrieve(cfg, index, qe, texts, rt, exclude):
+    """Top --k rows of the index for each query text, without its excluded rows (exclude (Q, E)):
+    (scores, rows, probabilities or None, ANN recall@k vs exact or None)."""
+    depth = min(max(cfg.k, cfg.rerank_depth) if cfg.rerank else cfg.k, len(index))
+    pooled = None if qe is None else retrieval.embed_texts(qe, texts, rt, cfg.batch_size, cfg.num_workers,
+                                                           "embedding queries", verbose=len(texts) > 1)
+    queries = None if pooled is None else retrieval.unit(pooled)[0]
+    exact = None if cfg.bm25 else partial(retrieval.exact_search, index.matrix(rt.device))
+    if cfg.bm25:
+        search_fn = partial(retrieval.BM25(index.questions[1]).search, texts)
+    elif cfg.ann:
+        search_fn = partial(retrieval.ann_search, index.ann, queries,
+                            nprobe=cfg.nprobe or index.manifest["ann"]["nprobe"])
+    else:
+        search_fn = partial(exact, queries)
+    scores, rows = retrieval.exclude_rows(search_fn, depth, exclude)
+    ann_recall = None
+    if cfg.ann:  # against exact search, on at most 1,000 of the queries (exact costs what ANN saves)
+        few = slice(0, 1000)
+        exact_rows = retrieval.exclude_rows(partial(exact, queries[few]), cfg.k, exclude[few])[1]
+        ann_recall = retrieval.overlap(rows[few, :cfg.k], exact_rows)
+    probs = None
+    if cfg.rerank:
+        scores, rows, probs = retrieval.rerank(qe.classifier, pooled, index, scores, rows, rt)
+        probs = probs[:, :cfg.k]
+    return scores[:, :cfg.k], rows[:, :cfg.k], probs, ann_recall
+
+
+def print_answers(query, scores, rows, probs, ids, texts, score_name):
+    print(f"query: {query}")
+    print(f"{'rank':>4}  {score_name:>6}  " + ("p(dup)  " if probs is not None else "") + f"{'id':>10}  question")
+    for rank, (s, r) in enumerate(zip(scores, rows), 1):
+        if r >= 0:
+            prob = f"{probs[rank - 1]:.4f}  " if probs is not None else ""
+            print(f"{rank:>4}  {s:6.4f}  {prob}{ids[r]:>10}  {texts[r]}")
+
+
+def write_answers(path, queries, query_ids, scores, rows, probs, ids, texts, score_name):
+    """--k rows per query (fewer where the ANN's probed lists held fewer), to a temp file renamed at
+    the end: an interrupted run leaves no half-written results."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["query_id", "query", "rank", score_name, *(["probability"] if probs is not None else []),
+                    "id", "question"])
+        for q, (qid, text) in enumerate(zip(query_ids, queries)):
+            for rank, r in enumerate(rows[q].tolist(), 1):
+                if r >= 0:
+                    w.writerow([qid, text, rank, f"{scores[q, rank - 1]:.6f}",
+                                *([f"{probs[q, rank - 1]:.6f}"] if probs is not None else []), ids[r], texts[r]])
+    os.replace(tmp, path)
+
+
+def system_label(cfg, index):
+    """The system's name in the results table."""
+    label = "BM25 (bm25s, lexical)" if cfg.bm25 else \
+        f"{retrieval.describe_model(index.manifest['model'])}, {'ANN (faiss IVF)' if cfg.ann else 'exact cosine'}"
+    return label + (f" + classifier rerank of the top {cfg.rerank_depth}" if cfg.rerank else "")
+
+
+def results_dir(cfg):
+    tag = "speed" if cfg.speed else "bm25" if cfg.bm25 else "ann" if cfg.ann else "exact"
+    tag += "_rerank" if cfg.rerank and not cfg.speed else ""
+    return os.path.join("runs", "search", f"{os.path.basename(os.path.normpath(cfg.index))}_{tag}")
+
+
+def evaluate(cfg, index, qe, rt):
+    """The retrieval benchmark of the data folder --eval, on an index of exactly that folder."""
+    queries, relevant, outside = retrieval.eval_protocol(cfg.eval, len(index))
+    check_k(cfg.k, len(index) - len(outside) - 1)
+    ids, texts = index.questions
+    exclude = np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
+    scores, rows, probs, ann_recall = retrieve(cfg, index, qe, [texts[q] for q in queries.tolist()], rt, exclude)
+    metrics, per_query = retrieval.ranking_metrics(rows, relevant)
+    label = system_label(cfg, index)
+    out_dir = cfg.out_dir or results_dir(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"script": "search.py", "system": label, "config": asdict(cfg), "index": os.path.abspath(cfg.index),
+               "model": index.manifest["model"], "data_dir": os.path.abspath(cfg.eval),
+               "protocol": "queries: test questions with a labelled duplicate in the test split; relevant: their "
+                           "duplicates (transitive closure of the test positives); corpus: every question of "
+                           "every split except the query",
+               "queries": len(queries), "corpus": len(index) - len(outside) - 1,
+               "relevant_per_query": float(np.mean([len(r) for r in relevant])),
+               "metrics": metrics, "ann_recall_at_k_vs_exact": ann_recall,
+               "ann": index.manifest.get("ann") if cfg.ann else None}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "per_query.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)  # for error analysis: which queries miss their duplicates
+        w.writerow(["row", "id", "relevant", *per_query, "question"])
+        for i, q in enumerate(queries.tolist()):
+            w.writerow([q, ids[q], len(relevant[i]), *(f"{v[i]:.4g}" for v in per_query.values()), texts[q]])
+    print(f"retrieval benchmark of {cfg.eval}: {len(queries):,} queries, {results['relevant_per_query']:.2f} "
+          f"relevant each on average, corpus {results['corpus']:,} questions"
+          + (f"; ANN recall@{cfg.k} vs exact {ann_recall:.3f}" if ann_recall is not None else ""))
+    names = [m for m in metrics if m != "queries"]
+    header = [m.replace("mrr", "MRR").replace("ndcg", "nDCG") for m in names]
+    print("| system | queries | " + " | ".join(header) + " |\n|---|---:|" + "---:|" * len(names))
+    print(f"| {label} | {len(queries):,} | " + " | ".join(f"{metrics[m]:.3f}" for m in names) + " |")
+    print(f"wrote {os.path.join(out_dir, 'results.json')} and per_query.csv")
+    return results
+
+
+def speed(cfg, index, rt):
+    """Latency of exact and ANN search on this index: 200 of its rows as queries, each kept out of
+    its own answers."""
+    rows = np.sort(np.random.default_rng(0).choice(len(index), min(200, len(index)), replace=False))
+    check_k(cfg.k, len(index) - 1)
+    built = None  # the index's own ANN; measure_speed builds one if it has none
+    if index.manifest.get("ann") is not None:
+        built = index.ann, {**index.manifest["ann"], "nprobe": cfg.nprobe or index.manifest["ann"]["nprobe"]}
+    result = retrieval.measure_speed(index.vectors, np.asarray(index.vectors[rows], np.float32), rt, k=cfg.k,
+                                     exclude=rows[:, None], ann=built)
+    out_dir = cfg.out_dir or results_dir(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "speed.json"), "w") as f:
+        json.dump({"index": os.path.abspath(cfg.index), **result}, f, indent=1)
+    ex, ann = result["exact"], result["ann"]
+    print(f"{len(index):,} vectors, top {cfg.k}, {rt.device}: exact {ex['single_p50_ms']:.1f} / "
+          f"{ex['single_p95_ms']:.1f} ms p50/p95 one query at a time, {ex['batched_p50_ms']:.2f} / "
+          f"{ex['batched_p95_ms']:.2f} ms per query in batches of {ex['query_batch']}; ANN (nprobe "
+          f"{ann['nprobe']}) "
+          f"{ann['p50_ms']:.2f} / {ann['p95_ms']:.2f} ms, recall@{cfg.k} vs exact "
+          f"{ann[f'recall_at_{cfg.k}_vs_exact']:.3f}; {result['disk_mb']:.0f} MB on disk (vectors, norms, ANN), "
+          f"{sum(result['memory_mb'].values()):.0f} MB held in memory; wrote "
+          f"{os.path.join(out_dir, 'speed.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
