@@ -9,7 +9,8 @@
   pair once per epoch, longest batch first (out-of-memory shows at step 0, not hours in), resumable
   from a batch position, shardable over DDP ranks with equal batch counts.
 - Collator: tensors for the two layouts,
-    siamese: each question of a pair is encoded alone; the encoder sees the batch's 2B questions.
+    siamese: each question of a pair is encoded alone; the encoder sees the batch's 2B questions
+             (q_key (2B,): equal for identical questions, for the in-batch negatives of mnrl).
     cross:   one joined sequence per pair, [CLS] q1 [SEP] q2 [SEP], with segment ids.
   in two forms:
     exact  (CPU): padded tensors; siamese questions sorted by length and cut into <= 2 groups
@@ -364,6 +365,10 @@ class Collator:
                  "labels": labels.masked_fill(labels < 0, IGNORE_LABEL)}  # (B,)
         if self.layout == "siamese":
             questions = q1 + q2  # (2B,) q1 of every pair, then q2 of every pair
+            # Equal keys for identical questions: the in-batch negatives of objectives.mnrl_loss
+            # must not include a copy of the query or of its answer.
+            keys = {}
+            batch["q_key"] = torch.tensor([keys.setdefault(q.tobytes(), len(keys)) for q in questions])  # (2B,)
             if self.row_len is not None:
                 batch.update(self.packed(questions))
                 return batch

@@ -24,7 +24,7 @@ import torch
 
 from cli import UserError
 from data import make_loader, question_loader, to_device
-from model import pair_loss
+from objectives import batch_loss
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
@@ -213,9 +213,11 @@ def mark_step():
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def train_step(model, batches, step_pairs, optimizer, scheduler, scaler, rt, clip):
+def train_step(model, batches, step_pairs, optimizer, scheduler, scaler, rt, clip, loss_fn=batch_loss):
     """One optimizer step over `batches` (micro-batches, on the device), in the fixed order:
     forward under autocast, backward (accumulated), unscale, clip, step, zero_grad, next lr.
+    loss_fn(model, batch) -> the batch's summed loss (0-dim); the default is the classifier's
+    cross-entropy (objectives.py).
 
     Each micro-batch's summed loss is divided by step_pairs, the real pairs of the whole step on
     all processes, and multiplied by the process count (DDP averages gradients over processes):
@@ -228,7 +230,7 @@ def train_step(model, batches, step_pairs, optimizer, scheduler, scaler, rt, cli
         last = i == len(batches) - 1
         with model.no_sync() if rt.world > 1 and not last else nullcontext():
             with rt.autocast():
-                loss = pair_loss(model(batch), batch["labels"])  # (B, 2) logits -> summed loss
+                loss = loss_fn(model, batch)
             scaler.scale(loss * (rt.world / step_pairs)).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)

@@ -205,13 +205,19 @@ class SiameseClassifier(PairModel):
         feats = [u, v] if self.cfg.features == "concat" else [u, v, (u - v).abs(), u * v]
         return self.head(torch.cat(feats, dim=-1))  # (B, 2)
 
-    def forward(self, batch):
+    def forward(self, batch, with_vectors=False):
+        """(B, 2) logits; with_vectors (training objectives beyond ce, objectives.py): also the
+        logits of the reversed order and the pooled vectors u, v (B, H)."""
         u, v = self.embed_pair(batch)  # (B, H) each
-        if not self.cfg.symmetric:
-            return self.pair_logits(u, v)
-        # "Is q1 a duplicate of q2" is the same question as the reverse; averaging both orders
-        # builds that in. The head is tiny, so the second order costs nothing measurable.
-        return (self.pair_logits(u, v) + self.pair_logits(v, u)) / 2
+        logits = self.pair_logits(u, v)
+        if not (self.cfg.symmetric or with_vectors):
+            return logits
+        reversed_logits = self.pair_logits(v, u)
+        if self.cfg.symmetric:
+            # "Is q1 a duplicate of q2" is the same question as the reverse; averaging both orders
+            # builds that in. The head is tiny, so the second order costs nothing measurable.
+            logits = reversed_logits = (logits + reversed_logits) / 2
+        return (logits, reversed_logits, u, v) if with_vectors else logits
 
 
 class CrossEncoder(PairModel):

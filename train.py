@@ -31,16 +31,19 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Literal
 
 import torch
 
 import engine
+import objectives
 from cli import UserError, arg, given_flags, parse_config, run
 from data import PairDataset, fingerprint, make_loader, shapes_of, to_device
 from metrics import compute_metrics, format_report
 from model import (ModelConfig, build_model, export_hf, load_checkpoint, model_from_checkpoint,
                    save_checkpoint)
+from objectives import Objective
 from text import check_vocab, load_tokenizer, vocab_hash
 
 RUN_FILES = ("ckpt.pt", "last.pt", "metrics.jsonl", "test_results.json", "hf")
@@ -70,6 +73,15 @@ class TrainConfig:
     dropout: float = arg(ModelConfig.dropout, "head dropout (the notebook: 0.25)")
     freeze_encoder: bool = arg(ModelConfig.freeze_encoder, "the notebook's static BERT: train the head only")
     symmetric: bool = arg(ModelConfig.symmetric, "siamese: average the logits of both question orders")
+    # objective (objectives.py holds the defaults and what each term does)
+    loss: Literal[objectives.LOSSES] = arg(Objective.loss, "ce: the classifier alone; +mnrl: in-batch negatives "
+                                           "(vectors for search); +contrastive: online contrastive (siamese)")
+    aux_weight: float = arg(Objective.aux_weight, "weight of the mnrl / contrastive terms next to ce")
+    mnrl_scale: float = arg(Objective.mnrl_scale, "mnrl: cosine -> logit scale")
+    contrastive_margin: float = arg(Objective.contrastive_margin, "contrastive: non-duplicates pushed to "
+                                    "1 - cosine >= margin")
+    both_orders: bool = arg(Objective.both_orders, "siamese: train the classifier on (q1, q2) and (q2, q1), "
+                            "half weight each")
     # optimization (engine.Recipe holds the defaults)
     epochs: int = arg(5, "passes over the training split")
     batch_size: int = arg(128, "pairs per micro-batch per process (the notebook: 128)", aliases=["--bs"])
@@ -135,6 +147,8 @@ def train(cfg, given=()):
     compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
     model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
     optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt)
+    objective = Objective(**{f.name: getattr(cfg, f.name) for f in fields(Objective)})
+    loss_fn = partial(objectives.batch_loss, objective=objective)
     batches_per_epoch = len(sampler)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -176,7 +190,8 @@ def train(cfg, given=()):
             log.data_wait += time.perf_counter() - t_wait
             shapes.update(s for b in micro for s in shapes_of(b))
             step_pairs = sum(global_sizes[done:done + n_micro])
-            log.loss_sum += engine.train_step(model, micro, step_pairs, optimizer, scheduler, scaler, rt, cfg.clip)
+            log.loss_sum += engine.train_step(model, micro, step_pairs, optimizer, scheduler, scaler, rt, cfg.clip,
+                                              loss_fn)
             log.pairs += step_pairs
             progress["step"] += 1
             progress["batches_done"] += n_micro
@@ -243,6 +258,17 @@ def check_config(cfg):
     if cfg.lr <= 0 or cfg.clip <= 0 or not 0 <= cfg.warmup_ratio <= 1 or not 0 <= cfg.dropout < 1:
         raise UserError(f"--lr {cfg.lr} --clip {cfg.clip} --warmup_ratio {cfg.warmup_ratio} --dropout "
                         f"{cfg.dropout}: out of range", "lr and clip > 0, warmup_ratio in [0, 1], dropout in [0, 1)")
+    if cfg.aux_weight <= 0 or cfg.mnrl_scale <= 0 or not 0 < cfg.contrastive_margin <= 2:
+        raise UserError(f"--aux_weight {cfg.aux_weight} --mnrl_scale {cfg.mnrl_scale} --contrastive_margin "
+                        f"{cfg.contrastive_margin}: out of range", "aux_weight and mnrl_scale > 0, "
+                        "contrastive_margin in (0, 2] (1 - cosine lies in [0, 2])")
+    if cfg.arch == "cross" and (cfg.loss != "ce" or cfg.both_orders):
+        raise UserError(f"--loss {cfg.loss}{' --both_orders' if cfg.both_orders else ''} with --arch cross: a "
+                        "cross-encoder has no vector per question and reads one order", "use them with "
+                        "--arch siamese, or --loss ce alone with --arch cross")
+    if cfg.both_orders and cfg.symmetric:
+        raise UserError("--both_orders with --symmetric: the symmetric model already averages both orders",
+                        "pick one")
 
 
 def start_or_resume(cfg, given, rt, say):
@@ -307,6 +333,8 @@ def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_ste
         f"encoder {cfg.encoder} ({cfg.arch}, {cfg.pooling} pooling, {cfg.features} features, "
         f"frozen={cfg.freeze_encoder}) | parameters {n_params:,} ({n_trainable:,} trainable)",
         f"pairs: train {n_train:,} | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
+        f"objective {cfg.loss}" + (f" (aux weight {cfg.aux_weight})" if cfg.loss != "ce" else "")
+        + (", both question orders" if cfg.both_orders else ""),
         f"batch {cfg.batch_size} per process x {rt.world} processes x {cfg.grad_accum_steps} accumulation = "
         f"{per_step} pairs per step | {steps_per_epoch} steps per epoch | {total_steps} steps in all",
         f"batches {'packed' if packed else 'exact'} | compile {compile_mode} | "
