@@ -23,6 +23,13 @@ Stages (--stages, comma-separated, or 'all'):
               notebook's and the peer's loops are in reference.py.
   infer       pairs per second of engine.score_dataset (evaluate.py's path) against the notebook's
               get_predictions.
+  search      index.py's and search.py's speed (retrieval.bench_search): questions embedded per
+              second, exact and ANN (faiss IVF) top-10 latency p50/p95 over as many vectors as a
+              --rows-row file has questions (537,933 for Kaggle's 404,290), ANN recall@10 against
+              exact search, index size on disk and in memory. On the CPU the corpus is random unit
+              vectors of the encoder's dimension (embedding 538k questions on 2 cores takes about an
+              hour; exact search costs the same on any vectors, while ANN meets its worst case:
+              random vectors have no neighbourhoods); on CUDA the synthesized file's questions.
   gpu         on CUDA: the train and infer stages, plus model FLOPs utilization (6 x non-embedding
               parameters x real tokens over the measured bf16 matmul rate), the share of step time
               blocked on the loader, peak memory, compile seconds, distinct batch shapes, the
@@ -64,7 +71,7 @@ DISTILBERT_CONFIG = "distilbert-config"
 
 @dataclass
 class BenchConfig:
-    stages: str = arg("all", "comma-separated, from preprocess,data,padding,train,infer,gpu; or all")
+    stages: str = arg("all", "comma-separated, from preprocess,data,padding,train,infer,search,gpu; or all")
     encoder: str = arg("auto", "auto: bundled MiniLM on CPU, distilbert-config (random 66M DistilBERT) "
                                "on CUDA; or an HF name or folder")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda")
@@ -134,10 +141,9 @@ class Workspace:
 
     @cached_property
     def dataset(self):
-        from preprocess import PreprocessConfig, preprocess
-        out = os.path.join(self.tmp, "real")
-        preprocess(PreprocessConfig(input=self.cfg.data, out_dir=out, encoder=self.plan.tokenizer,
-                                    split="random", val_frac=0.0, test_frac=0.0))
+        out = os.path.join(self.tmp, "real")  # a script of its own: run, never imported
+        run_child([sys.executable, "preprocess.py", self.cfg.data, "--out_dir", out, "--encoder", self.plan.tokenizer,
+                   "--split", "random", "--val_frac", "0", "--test_frac", "0"], self.tmp, "preprocess_real")
         return PairDataset(out, "train")
 
     @cached_property

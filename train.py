@@ -137,7 +137,8 @@ def train(cfg, given=()):
     packed = engine.batch_layout(rt, cfg.shapes)
     loader_args = dict(num_replicas=rt.world, rank=rt.rank, num_workers=cfg.num_workers, pin_memory=rt.cuda,
                        packed=packed)
-    train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed, **loader_args)
+    train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                        question_keys="mnrl" in cfg.loss, **loader_args)
     val_loader, _ = make_loader(val_ds, cfg.arch, 2 * cfg.batch_size, shuffle=False, **loader_args)
 
     # --- model, optimizer, schedule; restored from last.pt on --resume

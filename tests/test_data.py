@@ -451,3 +451,13 @@ def test_in_memory_pairs_match_the_folder(prep, tok):
                                 collections.Counter())
     loader, _ = make_loader(mem, "cross", 64, shuffle=False)
     assert sum(len(b["labels"]) for b in loader) == len(pairs["q1"])
+
+
+def test_batched_items_equal_single_items(tiny_data):
+    """PairDataset.__getitems__ (what the DataLoader calls for a batch) gives exactly the items of
+    __getitem__, in the order asked, repeats included."""
+    ds = PairDataset(tiny_data, "train")
+    indices = [5, 0, 17, 5, len(ds) - 1]
+    for (i, a1, a2, y), (j, b1, b2, z) in zip(ds.__getitems__(indices), [ds[i] for i in indices]):
+        assert i == j and y == z and type(y) is type(z) is int
+        assert np.array_equal(a1, b1) and np.array_equal(a2, b2) and a1.dtype == b1.dtype

@@ -16,12 +16,15 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_train_py_defaults_on_cuda_use_packed_batches_and_cuda_graphs(tmp_path, tiny_data, tiny_bert_dir, capsys):
+@pytest.mark.parametrize("objective", [[], ["--loss", "ce+mnrl+contrastive", "--both_orders"]],
+                         ids=["ce", "all-terms"])
+def test_train_py_defaults_on_cuda_use_packed_batches_and_cuda_graphs(tmp_path, tiny_data, tiny_bert_dir, capsys,
+                                                                      objective):
     """A user's plain command on a GPU: bf16, packed batches, compiled with CUDA graphs; it learns
-    the synthetic task and its batches take only a few shapes."""
+    the synthetic task and its batches take only a few shapes (with every objective)."""
     out = str(tmp_path / "out")
     train.main(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, "--epochs", "4", "--bs", "16",
-                "--lr", "1e-3", "--out_dir", out, "--log_every_steps", "5"])
+                "--lr", "1e-3", "--out_dir", out, "--log_every_steps", "5", *objective])
     printed = capsys.readouterr().out
     assert "precision bf16" in printed and "batches packed" in printed
     assert "compile reduce-overhead" in printed

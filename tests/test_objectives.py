@@ -76,7 +76,8 @@ def test_both_orders_is_the_mean_of_the_two_orders(tiny_data):
 def test_collator_keys_identical_questions_alike(tiny_data):
     ds = PairDataset(tiny_data, "train")
     items = [ds[i] for i in range(64)]
-    batch = Collator("siamese", ds.manifest["pad_token_id"])(items)
+    batch = Collator("siamese", ds.manifest["pad_token_id"], question_keys=True)(items)
+    assert "q_key" not in Collator("siamese", ds.manifest["pad_token_id"])(items)  # only when asked
     questions = [q for _, q, _, _ in items] + [q for _, _, q, _ in items]
     keys = batch["q_key"].tolist()
     for i in range(len(questions)):
@@ -91,7 +92,9 @@ def test_each_objective_lowers_its_own_term(tiny_data, loss):
     that term, measured with dropout off on the same fixed batches, by at least a third."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder_config=no_dropout(TINY_BERT), dropout=0.0))
-    batches = [first_batch(tiny_data, "siamese", n=32, start=32 * k) for k in range(4)]
+    ds = PairDataset(tiny_data, "train")
+    collate = Collator("siamese", ds.manifest["pad_token_id"], question_keys=True)
+    batches = [collate([ds[i] for i in range(32 * k, 32 * k + 32)]) for k in range(4)]
     term = mnrl_loss if loss == "ce+mnrl" else online_contrastive_loss
 
     def measure():
@@ -140,3 +143,20 @@ def test_train_flags_run_and_are_reproducible(tmp_path, tiny_data, tiny_bert_dir
         with pytest.raises(SystemExit) as e:
             train.main(["--data_dir", tiny_data, "--out_dir", str(tmp_path / "bad"), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_packed_batches_give_the_exact_layouts_losses(tiny_data):
+    """The GPU's packed batches (a short batch filled with ignored copies) give every objective the
+    loss of the CPU's exact batches: fill pairs are neither anchors nor negatives."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder_config=no_dropout(TINY_BERT), dropout=0.0)).eval()
+    ds = PairDataset(tiny_data, "train")
+    items = [ds[i] for i in range(40, 64)]  # 24 pairs; the packed batch holds 32
+    pad = ds.manifest["pad_token_id"]
+    exact = Collator("siamese", pad, question_keys=True)(items)
+    packed = Collator("siamese", pad, batch_size=32, row_len=32, question_keys=True)(items)
+    assert (packed["labels"] == IGNORE_LABEL).sum() == 8
+    for objective in (Objective(), Objective(loss="ce+mnrl+contrastive", both_orders=True)):
+        with torch.no_grad():
+            a, b = batch_loss(model, exact, objective), batch_loss(model, packed, objective)
+        assert a.item() == pytest.approx(b.item(), rel=1e-5), objective

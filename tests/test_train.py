@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import engine
+import objectives
 import train
 from conftest import ROOT, TINY_BERT, save_tiny_encoder
 from model import load_checkpoint
@@ -134,7 +134,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, tiny_data):
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_data, tiny_bert_dir, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "pair_loss", lambda logits, labels: (logits.sum() * float("nan")))
+    monkeypatch.setattr(objectives, "pair_loss", lambda logits, labels: (logits.sum() * float("nan")))
     with pytest.raises(SystemExit) as e:
         train.main(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir",
                     str(tmp_path / "out")])
