@@ -29,7 +29,8 @@ Stages (--stages, comma-separated, or 'all'):
               exact search, index size on disk and in memory. On the CPU the corpus is random unit
               vectors of the encoder's dimension (embedding 538k questions on 2 cores takes about an
               hour; exact search costs the same on any vectors, while ANN meets its worst case:
-              random vectors have no neighbourhoods); on CUDA the synthesized file's questions.
+              random vectors have no neighbourhoods); on CUDA the synthesized file's questions;
+              with --search_index, the vectors of an index.py folder.
   gpu         on CUDA: the train and infer stages, plus model FLOPs utilization (6 x non-embedding
               parameters x real tokens over the measured bf16 matmul rate), the share of step time
               blocked on the loader, peak memory, compile seconds, distinct batch shapes, the
@@ -87,6 +88,8 @@ class BenchConfig:
     data: str = arg(os.path.join(ROOT, "..", "shared", "data", "qqp", "qqp_first8k.csv.gz"), "the real rows")
     num_workers: int = arg(-1, "ours: DataLoader workers in train/infer (-1: 0 on CPU, 2 on CUDA, as train.py)")
     e2e_timeout: int = arg(900, "gpu: seconds train.py may take end to end")
+    search_index: str = arg("", "search: time search over this index.py folder (its vectors, its ANN) "
+                                "instead of random unit vectors")
     seed: int = arg(0, "pair sample, shuffles, weights")
     out: str = arg("bench.json", "the JSON report")
 
@@ -110,6 +113,9 @@ def make_plan(cfg, rt):
     unknown = set(named) - set(STAGES) - {"all"}
     if unknown:
         raise UserError(f"--stages: unknown {', '.join(sorted(unknown))}", f"use 'all' or some of {','.join(STAGES)}")
+    if cfg.search_index and not os.path.isfile(os.path.join(cfg.search_index, "manifest.json")):
+        raise UserError(f"--search_index {cfg.search_index}: not an index folder (no manifest.json)",
+                        "pass a folder index.py wrote")
     encoder = cfg.encoder if cfg.encoder != "auto" else DISTILBERT_CONFIG if rt.cuda else BUNDLED_MODEL
 
     def pick(value, on_cpu, on_cuda):
@@ -538,7 +544,8 @@ def stage_search(ws, cfg, plan, rt):
     import retrieval
     encoder = BUNDLED_MODEL if plan.encoder == DISTILBERT_CONFIG else plan.encoder
     r = retrieval.bench_search(encoder, synthesize(ws)[0] if rt.cuda else cfg.data, rt, 2 * cfg.batch_size,
-                               cfg.seed, rows=cfg.rows, embed_all=rt.cuda)
+                               cfg.seed, rows=cfg.rows, embed_all=rt.cuda and not cfg.search_index,
+                               index_path=cfg.search_index)
     ex, ann, build = r["exact"], r["ann"], r["build"]
     recall, speedup = ann["recall_at_10_vs_exact"], ex["single_p95_ms"] / ann["p95_ms"]
     return {**r, "ratio": speedup, "rows": [

@@ -620,15 +620,16 @@ def measure_speed(vectors, queries, rt, k=10, query_batch=64, n_single=30, exclu
 
 
 def bench_search(encoder, questions_path, rt, batch_size=256, seed=0, rows=404_290, sample=4096, n_queries=256,
-                 embed_all=False):
+                 embed_all=False, index_path=""):
     """bench.py's search stage. Index build speed: questions/s of tokenizing and embedding `sample`
     distinct questions of questions_path with `encoder` (all of them with embed_all; a small sample
     pads more: its length-sorted batches each span a wider range of lengths). Search speed
     over the questions of a Kaggle-like file of `rows` rows (537,933 for Kaggle's 404,290): the
     embedded questions with embed_all (their own rows as queries, each excluded from its answers),
-    else random unit vectors of the encoder's dimension as corpus and queries (embedding 538k
-    questions takes ~25 minutes on 2 CPU cores; exact search costs the same on any vectors, while
-    ANN recall is at its worst on random ones, which have no neighbourhoods)."""
+    the vectors of an index.py folder with index_path (and its own ANN index), else random unit
+    vectors of the encoder's dimension as corpus and queries (embedding 538k questions took 52
+    minutes on 2 CPU cores; exact search costs the same on any vectors, while ANN is at its worst
+    on random ones, which have no neighbourhoods)."""
     corpus_size = round(rows * KAGGLE_QUESTIONS / KAGGLE_ROWS)
     qs = read_questions(questions_path)
     rng = np.random.default_rng(seed)
@@ -640,7 +641,15 @@ def bench_search(encoder, questions_path, rt, batch_size=256, seed=0, rows=404_2
     vectors, _ = unit(embed_texts(qe, texts, rt, batch_size, verbose=False))
     build = {"questions": len(texts), "seconds": time.perf_counter() - t0, "encoder": encoder}
     build["questions_per_sec"] = build["questions"] / build["seconds"]
-    if embed_all:
+    ann = None
+    if index_path:
+        index = Index(index_path)
+        kind = f"{len(index):,} embedded questions of the index {index_path} ({describe_model(index.manifest['model'])})"
+        picks = np.sort(rng.choice(len(index), min(n_queries, len(index)), replace=False))
+        vectors, queries, exclude = index.vectors, np.asarray(index.vectors[picks], np.float32), picks[:, None]
+        if index.manifest.get("ann") is not None:
+            ann = index.ann, index.manifest["ann"]
+    elif embed_all:
         kind = f"{len(texts):,} embedded questions of {os.path.basename(questions_path)}"
         picks = np.sort(rng.choice(len(vectors), min(n_queries, len(vectors)), replace=False))
         queries, exclude = vectors[picks], picks[:, None]
@@ -649,7 +658,7 @@ def bench_search(encoder, questions_path, rt, batch_size=256, seed=0, rows=404_2
         vectors = random_unit_vectors(corpus_size, vectors.shape[1], rng)
         queries, exclude = random_unit_vectors(n_queries, vectors.shape[1], rng), None
     return {"build": build, "corpus": kind,
-            **measure_speed(vectors.astype(np.float16), queries, rt, exclude=exclude, seed=seed)}
+            **measure_speed(np.asarray(vectors, np.float16), queries, rt, exclude=exclude, ann=ann, seed=seed)}
 
 
 def random_unit_vectors(n, dim, rng):

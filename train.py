@@ -9,7 +9,10 @@
 
 The loop, per optimizer step (engine.train_step): forward under autocast, backward (accumulated
 over --grad_accum_steps micro-batches, each weighted by its pairs), unscale, clip, step, zero_grad,
-next lr; one device-to-host sync per --log_every_steps. Evaluates on the validation split every
+next lr; one device-to-host sync per --log_every_steps. The loss is the pair classifier's
+cross-entropy; --loss adds in-batch negatives (mnrl, which shapes the vectors for search.py) or an
+online contrastive term, --both_orders trains on both question orders (objectives.py); the logged
+loss is that objective, val loss is the cross-entropy. Evaluates on the validation split every
 --eval_every_steps (0: each epoch) and keeps the best checkpoint; at the end the best one is
 evaluated on the test split. On a GPU it is fast by default: few fixed batch shapes (data.Collator),
 compiled once, replayed as CUDA graphs. Writes to --out_dir:

@@ -332,6 +332,18 @@ def test_bench_search_stage_reports_what_it_measured(tmp_path, pairs_csv, tiny_b
             assert r["pass"] == (r["ours"] >= 0.95) and r["ours"] == ann["recall_at_10_vs_exact"]
 
 
+def test_bench_search_stage_over_an_index(folder, tmp_path, pairs_csv, tiny_bert_dir):
+    """--search_index times search over that index's own vectors and ANN index."""
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--stages", "search", "--encoder", tiny_bert_dir, "--data", pairs_csv, "--out", str(out),
+                "--search_index", folder["index"]])
+    s = json.loads(out.read_text())["stages"]["search"]
+    idx = retrieval.Index(folder["index"])
+    assert s["vectors"] == len(idx) and s["corpus"].startswith(f"{len(idx):,} embedded questions of the index")
+    assert (s["ann"]["nlist"], s["ann"]["nprobe"]) == (idx.manifest["ann"]["nlist"], idx.manifest["ann"]["nprobe"])
+
+
 # ----------------------------------------------------------------------------- real rows
 
 @pytest.mark.slow
