@@ -80,15 +80,19 @@ def write_data_dir(out_dir, arrays, texts, manifest):
     return manifest
 
 
-def check_out_dir(out_dir):
-    """out_dir may be new, empty, or a data folder preprocess.py wrote (it will be replaced)."""
+def check_out_dir(out_dir, inputs=(), what="a data folder", writer="preprocess.py"):
+    """out_dir may be new, empty, or a folder of `what` that `writer` wrote (it will be replaced,
+    so it must not be, hold or lie in one of the inputs)."""
+    out = os.path.realpath(out_dir)
+    for p in (os.path.realpath(p) for p in inputs if p):
+        if out == p or p.startswith(out + os.sep) or out.startswith(p + os.sep):
+            raise UserError(f"--out_dir {out_dir} is, holds or lies in an input ({p})", "pass a folder of its own")
     if os.path.isfile(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new or written by "
-                        "preprocess.py)")
+        raise UserError(f"--out_dir {out_dir} is a file", f"pass a folder path (new or written by {writer})")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and \
             not os.path.isfile(os.path.join(out_dir, "manifest.json")):
         raise UserError(f"--out_dir {out_dir} holds other files and no manifest.json, so it is not "
-                        "a data folder this script wrote, and rebuilding would replace it",
+                        f"{what} {writer} wrote, and rebuilding would replace it",
                         "pass a new or empty folder")
 
 

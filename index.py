@@ -32,6 +32,7 @@ import numpy as np
 import engine
 import retrieval
 from cli import UserError, arg, parse_config, run
+from data import check_out_dir
 
 
 @dataclass
@@ -135,16 +136,7 @@ def check_config(cfg):
     if cfg.batch_size < 1 or cfg.num_workers < 0 or cfg.max_len < 0:
         raise UserError(f"--batch_size {cfg.batch_size} --num_workers {cfg.num_workers} --max_len "
                         f"{cfg.max_len}: out of range", "batch_size >= 1, num_workers >= 0, max_len >= 0")
-    out, inputs = os.path.realpath(cfg.out_dir), [os.path.realpath(p) for p in (cfg.input, cfg.checkpoint) if p]
-    if any(out == p or p.startswith(out + os.sep) or out.startswith(p + os.sep) for p in inputs):
-        raise UserError(f"--out_dir {cfg.out_dir} is, holds or lies in an input", "pass a folder of its own")
-    if os.path.isfile(cfg.out_dir):
-        raise UserError(f"--out_dir {cfg.out_dir} is a file", "pass a folder path (new, or an index)")
-    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir) and \
-            not os.path.isfile(os.path.join(cfg.out_dir, "manifest.json")):
-        raise UserError(f"--out_dir {cfg.out_dir} holds other files and no manifest.json: not an index this "
-                        "script wrote, and writing would replace it", "pass a new or empty folder")
-
+    check_out_dir(cfg.out_dir, (cfg.input, cfg.checkpoint), what="an index", writer="index.py")
 
 def add_ann(out_dir, seed):
     """An up-to-date index without an ANN index: build it over the stored vectors."""

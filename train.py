@@ -140,8 +140,9 @@ def train(cfg, given=()):
     packed = engine.batch_layout(rt, cfg.shapes)
     loader_args = dict(num_replicas=rt.world, rank=rt.rank, num_workers=cfg.num_workers, pin_memory=rt.cuda,
                        packed=packed)
+    objective = Objective(**{f.name: getattr(cfg, f.name) for f in fields(Objective)})
     train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                        question_keys="mnrl" in cfg.loss, **loader_args)
+                                        question_keys="mnrl" in objective.terms, **loader_args)
     val_loader, _ = make_loader(val_ds, cfg.arch, 2 * cfg.batch_size, shuffle=False, **loader_args)
 
     # --- model, optimizer, schedule; restored from last.pt on --resume
@@ -151,7 +152,6 @@ def train(cfg, given=()):
     compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
     model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
     optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt)
-    objective = Objective(**{f.name: getattr(cfg, f.name) for f in fields(Objective)})
     loss_fn = partial(objectives.batch_loss, objective=objective)
     batches_per_epoch = len(sampler)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
