@@ -11,11 +11,14 @@
                   hard pairs of the batch count, duplicates farther apart (1 - cosine) than the
                   closest non-duplicate, and non-duplicates closer than the farthest duplicate
                   (pushed beyond --contrastive_margin)
+    distill       cross-entropy toward a teacher's probabilities (teach.py, train.py --teacher_file),
+                  over the training pairs and the unlabelled mined ones: the pair classifier learns
+                  what the teacher (a cross-encoder, or a mean of checkpoints) says
     both_orders   the classifier sees (q1, q2) and (q2, q1), each at half weight: the symmetric
                   augmentation, without encoding anything twice
 
---loss combines ce with the others ("ce+mnrl", "ce+contrastive", "ce+mnrl+contrastive"); each extra
-term is weighted by --aux_weight. Every term is a sum over the batch's pairs (engine.train_step
+--loss combines ce with the others ("ce+mnrl", "ce+contrastive", "ce+mnrl+contrastive",
+"ce+distill"), or is "distill" alone; each term after the first is weighted by --aux_weight. Every term is a sum over the batch's pairs (engine.train_step
 divides by the step's pairs), and fill pairs (label data.IGNORE_LABEL) add nothing. The in-batch
 negatives of mnrl are those of one micro-batch on one process: --grad_accum_steps and DDP change
 them (ce and contrastive are exact under both).
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 from model import pair_loss
 
-LOSSES = ("ce", "ce+mnrl", "ce+contrastive", "ce+mnrl+contrastive")
+LOSSES = ("ce", "ce+mnrl", "ce+contrastive", "ce+mnrl+contrastive", "distill", "ce+distill")
 
 
 @dataclass
@@ -44,23 +47,49 @@ class Objective:
 
     @property
     def needs_vectors(self):
-        return self.terms != ["ce"] or self.both_orders
+        return bool(set(self.terms) & {"mnrl", "contrastive"}) or self.both_orders
+
+    def weight(self, term):
+        return 1.0 if term == self.terms[0] else self.aux_weight
 
 
-def batch_loss(model, batch, objective=Objective()):
-    """The summed loss of one batch under the objective: a 0-dim fp32 tensor."""
+def batch_loss(model, batch, objective=Objective(), teacher_probs=None):
+    """The summed loss of one batch under the objective: a 0-dim fp32 tensor. teacher_probs (M,):
+    p(duplicate) of every pair of the training set by index (distill)."""
     labels = batch["labels"]  # (B,)
     if not objective.needs_vectors:
-        return pair_loss(model(batch), labels)
-    logits, reversed_logits, u, v = model(batch, with_vectors=True)  # (B, 2), (B, 2), (B, H), (B, H)
-    loss = pair_loss(logits, labels)
-    if objective.both_orders:
-        loss = (loss + pair_loss(reversed_logits, labels)) / 2
-    if "mnrl" in objective.terms:
-        loss = loss + objective.aux_weight * mnrl_loss(u, v, labels, batch["q_key"], objective.mnrl_scale)
-    if "contrastive" in objective.terms:
-        loss = loss + objective.aux_weight * online_contrastive_loss(u, v, labels, objective.contrastive_margin)
+        if objective.terms == ["ce"]:
+            return pair_loss(model(batch), labels)
+        logits, reversed_logits = model(batch), None  # (B, 2)
+    else:
+        logits, reversed_logits, u, v = model(batch, with_vectors=True)  # (B, 2), (B, 2), (B, H), (B, H)
+
+    def classifier(term):  # a loss of the logits; both orders at half weight each
+        out = term(logits)
+        return (out + term(reversed_logits)) / 2 if objective.both_orders else out
+
+    loss = 0.0
+    for name in objective.terms:
+        if name == "ce":
+            term = classifier(lambda lg: pair_loss(lg, labels))
+        elif name == "distill":
+            term = classifier(lambda lg: distill_loss(lg, batch["index"], teacher_probs))
+        elif name == "mnrl":
+            term = mnrl_loss(u, v, labels, batch["q_key"], objective.mnrl_scale)
+        else:
+            term = online_contrastive_loss(u, v, labels, objective.contrastive_margin)
+        loss = loss + objective.weight(name) * term
     return loss
+
+
+def distill_loss(logits, index, teacher_probs):
+    """Cross-entropy toward the teacher's probabilities, summed over the batch's pairs. logits
+    (B, 2); index (B,) each pair's row in the training set (-1: a fill pair, which adds nothing);
+    teacher_probs (M,) on the logits' device."""
+    p = teacher_probs[index.clamp(min=0)]  # (B,)
+    logp = logits.float().log_softmax(-1)  # (B, 2)
+    per_pair = -((1 - p) * logp[:, 0] + p * logp[:, 1])
+    return torch.where(index >= 0, per_pair, 0.0).sum()
 
 
 def mnrl_loss(u, v, labels, keys, scale):

@@ -39,10 +39,11 @@ from typing import Literal
 
 import torch
 
+import distill
 import engine
 import objectives
 from cli import UserError, arg, given_flags, parse_config, run
-from data import PairDataset, fingerprint, make_loader, shapes_of, to_device
+from data import PairDataset, file_sha256, fingerprint, make_loader, shapes_of, to_device
 from metrics import compute_metrics, format_report
 from model import (ModelConfig, build_model, export_hf, load_checkpoint, model_from_checkpoint,
                    save_checkpoint)
@@ -85,6 +86,8 @@ class TrainConfig:
                                     "1 - cosine >= margin")
     both_orders: bool = arg(Objective.both_orders, "siamese: train the classifier on (q1, q2) and (q2, q1), "
                             "half weight each")
+    teacher_file: str = arg("", "teach.py's file: train on its pairs (the training split, then mined ones) "
+                            "toward its teacher's probabilities (--loss distill or ce+distill)")
     # optimization (engine.Recipe holds the defaults)
     epochs: int = arg(5, "passes over the training split")
     batch_size: int = arg(128, "pairs per micro-batch per process (the notebook: 128)", aliases=["--bs"])
@@ -132,9 +135,15 @@ def train(cfg, given=()):
         raise UserError(f"{cfg.data_dir}: the train or validation split is empty",
                         "re-run preprocess.py with --val_frac > 0")
     data_info = data_record(manifest, cfg.data_dir)
-    if state is not None and state["data"]["fingerprint"] != data_info["fingerprint"]:
-        raise UserError(f"{cfg.data_dir} is not the data folder the run in {cfg.out_dir} was trained on",
-                        "pass its --data_dir, or start a new run in another --out_dir")
+    teacher_probs = None
+    if cfg.teacher_file:  # the training pairs, then the mined ones; the teacher's p(duplicate) of each
+        train_ds.pairs, probs, _ = distill.load_teacher_file(cfg.teacher_file, train_ds)  # (M, 3), (M,)
+        teacher_probs = torch.from_numpy(probs).to(rt.device)
+        data_info["teacher_file_sha256"] = file_sha256(cfg.teacher_file)
+    if state is not None and (state["data"]["fingerprint"], state["data"].get("teacher_file_sha256")) != \
+            (data_info["fingerprint"], data_info.get("teacher_file_sha256")):
+        raise UserError(f"{cfg.data_dir} (or --teacher_file) is not what the run in {cfg.out_dir} was trained on",
+                        "pass its --data_dir and --teacher_file, or start a new run in another --out_dir")
     tokenizer = load_tokenizer(cfg.encoder)
     check_vocab(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
     packed = engine.batch_layout(rt, cfg.shapes)
@@ -152,7 +161,7 @@ def train(cfg, given=()):
     compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
     model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
     optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt)
-    loss_fn = partial(objectives.batch_loss, objective=objective)
+    loss_fn = partial(objectives.batch_loss, objective=objective, teacher_probs=teacher_probs)
     batches_per_epoch = len(sampler)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -266,10 +275,14 @@ def check_config(cfg):
         raise UserError(f"--aux_weight {cfg.aux_weight} --mnrl_scale {cfg.mnrl_scale} --contrastive_margin "
                         f"{cfg.contrastive_margin}: out of range", "aux_weight and mnrl_scale > 0, "
                         "contrastive_margin in (0, 2] (1 - cosine lies in [0, 2])")
-    if cfg.arch == "cross" and (cfg.loss != "ce" or cfg.both_orders):
+    if cfg.arch == "cross" and (set(cfg.loss.split("+")) - {"ce", "distill"} or cfg.both_orders):
         raise UserError(f"--loss {cfg.loss}{' --both_orders' if cfg.both_orders else ''} with --arch cross: a "
                         "cross-encoder has no vector per question and reads one order", "use them with "
-                        "--arch siamese, or --loss ce alone with --arch cross")
+                        "--arch siamese, or --loss ce (or distill) with --arch cross")
+    if ("distill" in cfg.loss) != bool(cfg.teacher_file):
+        raise UserError(f"--loss {cfg.loss}{' --teacher_file ' + cfg.teacher_file if cfg.teacher_file else ''}: "
+                        "distillation needs both, the other losses neither", "pass --loss distill (or ce+distill) "
+                        "with --teacher_file FILE from teach.py")
     if cfg.both_orders and cfg.symmetric:
         raise UserError("--both_orders with --symmetric: the symmetric model already averages both orders",
                         "pick one")
@@ -336,7 +349,8 @@ def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_ste
     return "\n".join([
         f"encoder {cfg.encoder} ({cfg.arch}, {cfg.pooling} pooling, {cfg.features} features, "
         f"frozen={cfg.freeze_encoder}) | parameters {n_params:,} ({n_trainable:,} trainable)",
-        f"pairs: train {n_train:,} | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
+        f"pairs: train {n_train:,}{' (training split + mined, from ' + cfg.teacher_file + ')' if cfg.teacher_file else ''}"
+        f" | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
         f"objective {cfg.loss}" + (f" (aux weight {cfg.aux_weight})" if cfg.loss != "ce" else "")
         + (", both question orders" if cfg.both_orders else ""),
         f"batch {cfg.batch_size} per process x {rt.world} processes x {cfg.grad_accum_steps} accumulation = "
