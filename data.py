@@ -80,6 +80,22 @@ def write_data_dir(out_dir, arrays, texts, manifest):
     return manifest
 
 
+def check_out_file(path, inputs=(), overwrite=False, example="out.csv", side_files=(), make_folder=False):
+    """--out: a file that is no input and lies in none (nor do the side_files written beside it,
+    path + suffix), not a folder, new unless overwrite; its folder exists unless the script makes it."""
+    written = [os.path.realpath(path + suffix) for suffix in ("", *side_files)]
+    for p in (os.path.realpath(p) for p in inputs if p):
+        if any(w == p or w.startswith(p + os.sep) for w in written):
+            raise UserError(f"--out {path} is or lies in an input ({p}): writing would change it", "pass another --out")
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a folder", f"pass a file path, e.g. --out {example}")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"--out {path} exists", "pass --overwrite to replace it, or another --out")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not make_folder and not os.path.isdir(folder):
+        raise UserError(f"--out {path}: the folder {folder} does not exist", "create it, or pass another --out")
+
+
 def check_out_dir(out_dir, inputs=(), what="a data folder", writer="preprocess.py"):
     """out_dir may be new, empty, or a folder of `what` that `writer` wrote (it will be replaced,
     so it must not be, hold or lie in one of the inputs)."""

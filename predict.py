@@ -24,7 +24,7 @@ from typing import Literal
 
 import engine
 from cli import UserError, arg, parse_config, run
-from data import InMemoryPairs, pairs_from_file
+from data import InMemoryPairs, check_out_file, pairs_from_file
 from model import load_model
 from text import checkpoint_tokenizer, encode_pairs, write_rejects
 
@@ -91,17 +91,8 @@ def check_config(cfg):
                         "batch_size >= 1, num_workers >= 0")
     if not cfg.csv:
         return
-    out, inputs = os.path.realpath(cfg.out), {os.path.realpath(p) for p in (cfg.csv, cfg.checkpoint, cfg.threshold_from) if p}
-    if out in inputs or os.path.realpath(cfg.out + ".rejects.tsv") in inputs:
-        raise UserError(f"--out {cfg.out} is one of the inputs: writing would destroy it",
-                        "pass another --out file")
-    if os.path.isdir(cfg.out):
-        raise UserError(f"--out {cfg.out} is a folder", "pass a file path, e.g. --out preds.csv")
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise UserError(f"--out {cfg.out} exists", "pass --overwrite to replace it, or another --out")
-    folder = os.path.dirname(os.path.abspath(cfg.out))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {cfg.out}: the folder {folder} does not exist", "create it, or pass another --out")
+    check_out_file(cfg.out, (cfg.csv, cfg.checkpoint, cfg.threshold_from), cfg.overwrite, "preds.csv",
+                   side_files=(".rejects.tsv",))
 
 
 def one_pair(question1, question2, tok, data):

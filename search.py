@@ -41,6 +41,7 @@ import numpy as np
 import engine
 import retrieval
 from cli import UserError, arg, parse_config, run
+from data import check_out_file
 from text import write_rejects
 
 
@@ -129,17 +130,7 @@ def check_config(cfg):
         raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
     inputs = [os.path.realpath(p) for p in (cfg.index, cfg.queries, cfg.eval, cfg.checkpoint) if p]
     if cfg.queries:
-        out = os.path.realpath(cfg.out)
-        if any(out == p or out.startswith(p + os.sep) for p in inputs) or \
-                os.path.realpath(cfg.out + ".rejects.tsv") in inputs:
-            raise UserError(f"--out {cfg.out} is or lies in an input: writing would change it",
-                            "pass another --out")
-        if os.path.isdir(cfg.out):
-            raise UserError(f"--out {cfg.out} is a folder", "pass a file path, e.g. --out matches.csv")
-        if os.path.exists(cfg.out) and not cfg.overwrite:
-            raise UserError(f"--out {cfg.out} exists", "pass --overwrite to replace it, or another --out")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(cfg.out))):
-            raise UserError(f"--out {cfg.out}: its folder does not exist", "create it, or pass another --out")
+        check_out_file(cfg.out, inputs, cfg.overwrite, "matches.csv", side_files=(".rejects.tsv",))
     out_dir = os.path.realpath(cfg.out_dir or results_dir(cfg))
     if (cfg.eval or cfg.speed) and any(out_dir == p or out_dir.startswith(p + os.sep) for p in inputs):
         raise UserError(f"--out_dir {out_dir} is or lies in an input: writing would change it",

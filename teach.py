@@ -27,7 +27,7 @@ import numpy as np
 import distill
 import engine
 from cli import UserError, arg, parse_config, run
-from data import PairDataset, fingerprint
+from data import PairDataset, check_out_file, fingerprint
 
 
 @dataclass
@@ -79,6 +79,7 @@ def teach(cfg):
           f"accuracy {v['accuracy']:.4f}, F1 {v['f1']:.4f}, AP {v['average_precision']:.4f} | agrees with "
           f"{agree:.1%} of the training labels | calls {float((probs[n:] >= 0.5).mean()) if len(mined) else 0:.1%} "
           "of the mined pairs duplicates")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     distill.save_teacher_file(cfg.out, pairs, probs, {
         "data_dir": os.path.abspath(cfg.data_dir), "data_fingerprint": fingerprint(train.manifest),
         "train_pairs": n, "mined_pairs": len(mined), "config": asdict(cfg), "train_label_agreement": agree,
@@ -93,18 +94,9 @@ def check_config(cfg):
     if cfg.k < 1 or cfg.batch_size < 1 or cfg.num_workers < 0:
         raise UserError(f"--k {cfg.k} --batch_size {cfg.batch_size} --num_workers {cfg.num_workers}: out of range",
                         "k and batch_size >= 1, num_workers >= 0")
-    out = os.path.abspath(cfg.out)
-    inputs = [os.path.abspath(p) for p in cfg.teacher]
-    if out in inputs or out.startswith(os.path.abspath(cfg.data_dir) + os.sep):
-        raise UserError(f"--out {cfg.out} is an input (a teacher checkpoint or inside the data folder)",
-                        "pass a path outside them, e.g. runs/teacher.npz")
-    if os.path.isdir(cfg.out):
-        raise UserError(f"--out {cfg.out} is a folder", "pass a file path, e.g. runs/teacher.npz")
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise UserError(f"--out {cfg.out} exists", "pass another --out, or --overwrite to replace it")
+    check_out_file(cfg.out, (cfg.data_dir, *cfg.teacher), cfg.overwrite, "runs/teacher.npz", make_folder=True)
     if not cfg.out.endswith(".npz"):
         raise UserError(f"--out {cfg.out}: a teacher file ends in .npz", f"e.g. --out {cfg.out}.npz")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ The loop, per optimizer step (engine.train_step): forward under autocast, backwa
 over --grad_accum_steps micro-batches, each weighted by its pairs), unscale, clip, step, zero_grad,
 next lr; one device-to-host sync per --log_every_steps. The loss is the pair classifier's
 cross-entropy; --loss adds in-batch negatives (mnrl, which shapes the vectors for search.py) or an
-online contrastive term, --both_orders trains on both question orders (objectives.py); the logged
-loss is that objective, val loss is the cross-entropy. Evaluates on the validation split every
---eval_every_steps (0: each epoch) and keeps the best checkpoint; at the end the best one is
-evaluated on the test split. On a GPU it is fast by default: few fixed batch shapes (data.Collator),
-compiled once, replayed as CUDA graphs. Writes to --out_dir:
+online contrastive term, --both_orders trains on both question orders, and --loss distill learns
+a teacher's probabilities of the training pairs and of mined ones (--teacher_file from teach.py)
+instead of the labels (objectives.py); the logged loss is that objective, val loss is the
+cross-entropy. Evaluates on the validation split every --eval_every_steps (0: each epoch) and
+keeps the best checkpoint; at the end the best one is evaluated on the test split. On a GPU it is
+fast by default: few fixed batch shapes (data.Collator), compiled once, replayed as CUDA graphs.
+Writes to --out_dir:
 
     ckpt.pt            best checkpoint (weights, config, data fingerprint; weights_only loadable)
     last.pt            latest checkpoint with optimizer/scheduler/scaler/sampler/RNG state (--resume)
@@ -351,7 +353,7 @@ def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_ste
         f"frozen={cfg.freeze_encoder}) | parameters {n_params:,} ({n_trainable:,} trainable)",
         f"pairs: train {n_train:,}{' (training split + mined, from ' + cfg.teacher_file + ')' if cfg.teacher_file else ''}"
         f" | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
-        f"objective {cfg.loss}" + (f" (aux weight {cfg.aux_weight})" if cfg.loss != "ce" else "")
+        f"objective {cfg.loss}" + (f" (aux weight {cfg.aux_weight})" if "+" in cfg.loss else "")
         + (", both question orders" if cfg.both_orders else ""),
         f"batch {cfg.batch_size} per process x {rt.world} processes x {cfg.grad_accum_steps} accumulation = "
         f"{per_step} pairs per step | {steps_per_epoch} steps per epoch | {total_steps} steps in all",

@@ -37,7 +37,7 @@ def ckpt(tmp_path, tiny_data):
 
 def test_predict_never_writes_over_its_input_or_an_earlier_output(ckpt, pairs_csv, tmp_path, capsys):
     before = open(pairs_csv, "rb").read()
-    assert "one of the inputs" in fails(predict.main, [ckpt, "--csv", pairs_csv, "--out", pairs_csv], capsys)
+    assert "is or lies in an input" in fails(predict.main, [ckpt, "--csv", pairs_csv, "--out", pairs_csv], capsys)
     assert open(pairs_csv, "rb").read() == before
     out = str(tmp_path / "preds.csv")
     predict.main([ckpt, "--csv", pairs_csv, "--out", out])
