@@ -18,10 +18,11 @@
                   augmentation, without encoding anything twice
 
 --loss combines ce with the others ("ce+mnrl", "ce+contrastive", "ce+mnrl+contrastive",
-"ce+distill"), or is "distill" alone; each term after the first is weighted by --aux_weight. Every term is a sum over the batch's pairs (engine.train_step
-divides by the step's pairs), and fill pairs (label data.IGNORE_LABEL) add nothing. The in-batch
-negatives of mnrl are those of one micro-batch on one process: --grad_accum_steps and DDP change
-them (ce and contrastive are exact under both).
+"ce+distill"), or is "distill" alone; each term after the first is weighted by --aux_weight. Every
+term is a sum over the batch's pairs (engine.train_step divides by the step's pairs), and fill
+pairs (label data.IGNORE_LABEL) add nothing. The in-batch negatives of mnrl are those of one
+micro-batch on one process: --grad_accum_steps and DDP change them (ce and contrastive are exact
+under both).
 """
 from dataclasses import dataclass
 
@@ -58,8 +59,6 @@ def batch_loss(model, batch, objective=Objective(), teacher_probs=None):
     p(duplicate) of every pair of the training set by index (distill)."""
     labels = batch["labels"]  # (B,)
     if not objective.needs_vectors:
-        if objective.terms == ["ce"]:
-            return pair_loss(model(batch), labels)
         logits, reversed_logits = model(batch), None  # (B, 2)
     else:
         logits, reversed_logits, u, v = model(batch, with_vectors=True)  # (B, 2), (B, 2), (B, H), (B, H)
