@@ -7,16 +7,17 @@
     python train.py --epochs 5 --batch_size 128
     torchrun --nproc_per_node 8 train.py --epochs 5 --batch_size 128
 
-The loop, per optimizer step (engine.train_step): forward under autocast, backward (accumulated
-over --grad_accum_steps micro-batches, each weighted by its pairs), unscale, clip, step, zero_grad,
-next lr; one device-to-host sync per --log_every_steps. The loss is the pair classifier's
+The loop, per optimizer step (engine.train_step): forward under autocast, backward (accumulated over
+--grad_accum_steps micro-batches, each weighted by its pairs), unscale, clip, step, zero_grad, next
+lr; one device-to-host sync per --log_every_steps. The siamese classifier starts from the encoder's
+own cosine (--cosine_prior, model.py) and the head learns the rest. The loss is the classifier's
 cross-entropy; --loss adds in-batch negatives (mnrl, which shapes the vectors for search.py) or an
-online contrastive term, --both_orders trains on both question orders, and --loss distill learns
-a teacher's probabilities of the training pairs and of mined ones (--teacher_file from teach.py)
+online contrastive term, --both_orders trains on both question orders, and --loss distill learns a
+teacher's probabilities of the training pairs and of mined ones (--teacher_file from teach.py)
 instead of the labels (objectives.py); the logged loss is that objective, val loss is the
-cross-entropy. Evaluates on the validation split every --eval_every_steps (0: each epoch) and
-keeps the best checkpoint; at the end the best one is evaluated on the test split. On a GPU it is
-fast by default: few fixed batch shapes (data.Collator), compiled once, replayed as CUDA graphs.
+cross-entropy. Evaluates on the validation split every --eval_every_steps (0: each epoch) and keeps
+the best checkpoint; at the end the best one is evaluated on the test split. On a GPU it is fast by
+default: few fixed batch shapes (data.Collator), compiled once, replayed as CUDA graphs.
 Writes to --out_dir:
 
     ckpt.pt            best checkpoint (weights, config, data fingerprint; weights_only loadable)
@@ -79,6 +80,10 @@ class TrainConfig:
     dropout: float = arg(ModelConfig.dropout, "head dropout (the notebook: 0.25)")
     freeze_encoder: bool = arg(ModelConfig.freeze_encoder, "the notebook's static BERT: train the head only")
     symmetric: bool = arg(ModelConfig.symmetric, "siamese: average the logits of both question orders")
+    cosine_prior: float = arg(ModelConfig.cosine_prior, "siamese: start from the encoder's cosine: add "
+                              "scale * (cos(u, v) - shift) to the logit margin; initial scale, learnt (0: off)")
+    cosine_shift: float = arg(ModelConfig.cosine_shift, "siamese: initial shift, learnt; another encoder: "
+                              "its best_accuracy threshold from baseline_cosine.py")
     # objective (objectives.py holds the defaults and what each term does)
     loss: Literal[objectives.LOSSES] = arg(Objective.loss, "ce: the classifier alone; +mnrl: in-batch negatives "
                                            "(vectors for search); +contrastive: online contrastive (siamese)")
@@ -277,6 +282,9 @@ def check_config(cfg):
         raise UserError(f"--aux_weight {cfg.aux_weight} --mnrl_scale {cfg.mnrl_scale} --contrastive_margin "
                         f"{cfg.contrastive_margin}: out of range", "aux_weight and mnrl_scale > 0, "
                         "contrastive_margin in (0, 2] (1 - cosine lies in [0, 2])")
+    if cfg.cosine_prior < 0 or not -1 <= cfg.cosine_shift <= 1:
+        raise UserError(f"--cosine_prior {cfg.cosine_prior} --cosine_shift {cfg.cosine_shift}: out of range",
+                        "cosine_prior >= 0 (0: off), cosine_shift in [-1, 1] (a cosine)")
     if cfg.arch == "cross" and (set(cfg.loss.split("+")) - {"ce", "distill"} or cfg.both_orders):
         raise UserError(f"--loss {cfg.loss}{' --both_orders' if cfg.both_orders else ''} with --arch cross: a "
                         "cross-encoder has no vector per question and reads one order", "use them with "
@@ -326,7 +334,8 @@ def start_or_resume(cfg, given, rt, say):
                         "drop these flags to continue the saved run, or start a new run in another --out_dir")
     applied = sorted(k for k in given if k in RESUME_MAY_CHANGE and k != "resume" and k in saved
                      and getattr(cfg, k) != saved[k])
-    resumed = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in applied},
+    # A run saved before the cosine prior existed has no such field: it ran without one.
+    resumed = TrainConfig(**{"cosine_prior": 0.0, **saved, **{k: getattr(cfg, k) for k in applied},
                              "out_dir": cfg.out_dir, "resume": True})
     say(f"resuming {last_path} at step {state['step']} (its saved config"
         + (", with " + ", ".join(f"--{k} {getattr(cfg, k)} (was {saved[k]})" for k in applied) if applied else "")

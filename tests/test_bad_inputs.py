@@ -43,9 +43,11 @@ def test_predict_never_writes_over_its_input_or_an_earlier_output(ckpt, pairs_cs
     predict.main([ckpt, "--csv", pairs_csv, "--out", out])
     capsys.readouterr()
     first = open(out).read()
-    assert "--overwrite" in fails(predict.main, [ckpt, "--csv", pairs_csv, "--out", out, "--threshold", "0.1"], capsys)
+    probs = sorted(float(line.split(",")[1]) for line in first.splitlines()[1:])
+    median = f"{probs[len(probs) // 2]:.6f}"  # a threshold that changes about half the predictions
+    assert "--overwrite" in fails(predict.main, [ckpt, "--csv", pairs_csv, "--out", out, "--threshold", median], capsys)
     assert open(out).read() == first
-    predict.main([ckpt, "--csv", pairs_csv, "--out", out, "--threshold", "0.1", "--overwrite"])
+    predict.main([ckpt, "--csv", pairs_csv, "--out", out, "--threshold", median, "--overwrite"])
     capsys.readouterr()
     assert open(out).read() != first
     assert "does not exist" in fails(predict.main, [ckpt, "--csv", pairs_csv, "--out",

@@ -138,6 +138,49 @@ def test_symmetric_siamese_ignores_question_order(tiny_data):
         assert same == symmetric
 
 
+def test_cosine_prior_starts_the_classifier_at_the_encoders_cosine(tiny_data):
+    """With the head's output zeroed, the model's log-odds of duplicate are exactly
+    scale * (cos(u, v) - shift) of the pooled vectors; both are learnt; 0 turns it off
+    (the head alone, no extra parameters); the cross-encoder has none."""
+    batch = first_batch(tiny_data, "siamese")
+    model = build_model(ModelConfig(encoder_config=TINY_BERT, cosine_prior=7.0, cosine_shift=0.3)).eval()
+    torch.nn.init.zeros_(model.head[-1].weight)
+    torch.nn.init.zeros_(model.head[-1].bias)
+    with torch.no_grad():
+        logits = model(batch)  # (16, 2)
+        u, v = model.embed_pair(batch)
+    cos = torch.nn.functional.cosine_similarity(u, v, dim=-1)
+    assert cos.std() > 0.01  # the planted check is not on constant cosines
+    torch.testing.assert_close(logits[:, 1] - logits[:, 0], 7.0 * (cos - 0.3))
+    loss = pair_loss(model.train()(batch), batch["labels"])
+    loss.backward()
+    assert model.cosine_scale.grad != 0 and model.cosine_shift.grad != 0
+
+    torch.manual_seed(0)
+    off = build_model(ModelConfig(encoder_config=TINY_BERT, cosine_prior=0.0)).eval()
+    assert not any("cosine" in name for name, _ in off.named_parameters())
+    with torch.no_grad():
+        u, v = off.embed_pair(batch)
+        torch.testing.assert_close(off(batch), off.head(torch.cat([u, v, (u - v).abs(), u * v], -1)))
+    cross = build_model(ModelConfig(encoder_config=TINY_BERT, arch="cross"))
+    assert cross.cfg.cosine_prior == 0 and not any("cosine" in name for name, _ in cross.named_parameters())
+
+
+def test_checkpoint_without_cosine_prior_field_loads_as_before(tmp_path, tiny_data):
+    """A checkpoint saved before the cosine prior existed (no such config field) loads as the
+    model it was: head only, same outputs."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder_config=TINY_BERT, cosine_prior=0.0)).eval()
+    old_config = {k: v for k, v in model.cfg.__dict__.items() if not k.startswith("cosine")}
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": old_config})
+    rebuilt = model_from_checkpoint(load_checkpoint(path)).eval()
+    assert rebuilt.cfg.cosine_prior == 0
+    batch = first_batch(tiny_data, "siamese", n=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), rebuilt(batch))
+
+
 def test_checkpoint_round_trip_weights_only(tmp_path, tiny_data):
     """Saved with the config, loaded with weights_only=True, rebuilt without any pretrained files."""
     model = build_model(ModelConfig(encoder_config=TINY_DISTILBERT, arch="cross")).eval()

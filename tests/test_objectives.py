@@ -139,7 +139,8 @@ def test_train_flags_run_and_are_reproducible(tmp_path, tiny_data, tiny_bert_dir
     assert any(not torch.equal(first[k], plain[k]) for k in first)  # the objective changed the training
     for flags, message in ((["--arch", "cross", "--loss", "ce+mnrl"], "a cross-encoder has no vector"),
                            (["--both_orders", "--symmetric"], "already averages both orders"),
-                           (["--aux_weight", "0"], "out of range")):
+                           (["--aux_weight", "0"], "out of range"),
+                           (["--cosine_prior", "-1"], "out of range"), (["--cosine_shift", "2"], "out of range")):
         with pytest.raises(SystemExit) as e:
             train.main(["--data_dir", tiny_data, "--out_dir", str(tmp_path / "bad"), *flags])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -211,6 +211,22 @@ def test_resume_continues_the_folder_given_and_checks_flags(tmp_path, tiny_data,
     assert len(read_metrics(first)) == 1
 
 
+def test_a_run_saved_before_the_cosine_prior_resumes_without_one(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """A last.pt whose configs have no cosine_prior field (written before it existed, by a model
+    without one) resumes as that model, not as today's default with the prior."""
+    out = str(tmp_path / "old")
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", out]
+    assert train_here([*common, "--epochs", "1", "--cosine_prior", "0"], capsys)[0] == 0
+    path = os.path.join(out, "last.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for config in (state["train_config"], state["model_config"]):
+        del config["cosine_prior"], config["cosine_shift"]
+    torch.save(state, path)
+    code, _, err = train_here(["--out_dir", out, "--resume", "--epochs", "2"], capsys)
+    assert code == 0, err[-2000:]
+    assert load_checkpoint(path)["train_config"]["cosine_prior"] == 0
+
+
 def test_a_new_run_never_mixes_with_an_old_one(tmp_path, tiny_data, tiny_bert_dir, capsys):
     """An out_dir holding a run is refused without --overwrite_output_dir; with it, the old files
     go and --epochs 0 ... reports nothing of the old run."""
