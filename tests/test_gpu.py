@@ -62,3 +62,55 @@ def test_compiled_bf16_step_matches_the_cpu_step(tiny_data):
     scores = {name: engine.score_dataset(engine.probability(m.eval()), val, "siamese", r, 32, verbose=False)
               for name, m, r in (("cpu", cpu_model, cpu), ("gpu", gpu_model, rt))}
     assert abs(scores["gpu"] - scores["cpu"]).max() < 2e-2
+
+
+# ----------------------------------------------------------------------------- every script on CUDA
+# Each script with a batch loop, end to end on the GPU with its defaults (packed batches where the
+# engine picks them), so that one device run shows every GPU-only failure at once.
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory, tiny_bert_dir):
+    import preprocess
+    from conftest import synthetic_rows, write_csv
+    tmp = tmp_path_factory.mktemp("cuda_scripts")
+    data = str(tmp / "prep")
+    csv_path = write_csv(tmp / "pairs.csv", synthetic_rows(400))
+    preprocess.main([csv_path, "--out_dir", data, "--max_len", "32"])
+    train.main(["--data_dir", data, "--encoder", tiny_bert_dir, "--epochs", "1", "--bs", "32", "--lr", "1e-3",
+                "--out_dir", str(tmp / "run"), "--device", "cuda"])
+    return {"tmp": tmp, "data": data, "csv": csv_path, "ckpt": str(tmp / "run" / "ckpt.pt"), "enc": tiny_bert_dir}
+
+
+def _evaluate(r):
+    import evaluate
+    evaluate.main([r["ckpt"], "--out_dir", str(r["tmp"] / "eval"), "--device", "cuda"])
+
+
+def _baseline_cosine(r):
+    import baseline_cosine
+    baseline_cosine.main(["--data_dir", r["data"], "--encoder", r["enc"], "--out_dir", str(r["tmp"] / "cos"),
+                          "--device", "cuda"])
+
+
+def _predict(r):
+    import predict
+    predict.main([r["ckpt"], "--csv", r["csv"], "--out", str(r["tmp"] / "preds.csv"), "--device", "cuda"])
+
+
+def _index_and_search(r):
+    import index
+    import search
+    index.main([r["ckpt"], r["data"], "--out_dir", str(r["tmp"] / "idx"), "--ann", "--device", "cuda"])
+    search.main([str(r["tmp"] / "idx"), "--eval", r["data"], "--out_dir", str(r["tmp"] / "seval"), "--device", "cuda"])
+
+
+def _teach(r):
+    import teach
+    teach.main(["--data_dir", r["data"], "--teacher", r["ckpt"], "--out", str(r["tmp"] / "t.npz"),
+                "--encoder", r["enc"], "--mine", "150", "--batch_size", "64", "--device", "cuda"])
+
+
+@pytest.mark.parametrize("script", [_evaluate, _baseline_cosine, _predict, _index_and_search, _teach],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_every_script_runs_on_cuda(cuda_run, script):
+    script(cuda_run)

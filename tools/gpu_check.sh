@@ -27,7 +27,7 @@ export PYTHONPATH=/tmp/site
 for part in $parts; do
   SECONDS=0
   case $part in
-    tests) timeout ${TESTS_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" ;;
+    tests) timeout ${TESTS_S:-120} python3 -m pytest -q -rfE --durations=15 -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" ;;
     bench) timeout ${BENCH_S:-280} python3 bench.py --device cuda --stages gpu --data .device/qqp_first8k.csv.gz --e2e_timeout ${E2E_S:-150} \
              --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
     suite) timeout 240 python3 -m pytest -q -x -p no:cacheprovider -n 8 2>&1 | tee "$OUT/pytest_suite.log" ;;
