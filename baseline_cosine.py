@@ -23,18 +23,15 @@ with that --encoder too; it needs the model's files in the HF cache or a local f
 """
 import os
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Literal
-
-import torch
-from torch.nn import functional as F
 
 import engine
 import report
 from cli import UserError, arg, parse_config, run
 from data import open_data_dir, open_splits
-from model import BUNDLED_MODEL, ModelConfig, encode, load_encoder
-from text import load_tokenizer, vocab_hash
+from hub import BUNDLED_MODEL, load_tokenizer
+from model import Encoder, ModelConfig, load_encoder
+from text import vocab_hash
 
 
 @dataclass
@@ -49,6 +46,8 @@ class BaselineConfig:
     num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", engine.COMPILE_HELP)
 
 
 def main(argv=None):
@@ -65,30 +64,19 @@ def baseline(cfg):
     manifest = open_data_dir(cfg.data_dir, vocab_hash(tok), cfg.encoder)
     datasets, validation = open_splits(cfg.data_dir, cfg.split)
     rt = engine.setup_runtime(cfg.device, cfg.precision)
-    encoder = load_encoder(ModelConfig(encoder=cfg.encoder)).to(rt.device).eval()
-    print(f"cosine baseline: {cfg.encoder} ({encoder.config.model_type}, "
+    encoder = Encoder(load_encoder(ModelConfig(encoder=cfg.encoder)), cfg.pooling).to(rt.device).eval()
+    print(f"cosine baseline: {cfg.encoder} ({encoder.encoder.config.model_type}, "
           f"{sum(p.numel() for p in encoder.parameters()):,} parameters, untuned), {cfg.pooling} pooling")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    scores_of = partial(engine.score_dataset, cosine_similarity(encoder, cfg.pooling), layout="siamese",
-                        rt=rt, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        max_len=manifest["max_len"])
+    # The cosine of each pair's two vectors, through the one inference road (model.Encoder).
+    scores_of = engine.Inference(encoder.pair_cosine, "siamese", rt, cfg.batch_size, cfg.shapes, cfg.compile,
+                                 cfg.num_workers, max_len=manifest["max_len"])
     thresholds, results = report.report_datasets(scores_of, datasets, validation, {"notebook": cfg.threshold},
                                                  cfg.out_dir, probabilistic=False)  # cosines are not probabilities
     report.write_results(cfg.out_dir, {"script": "baseline_cosine.py", "score": "cosine", "config": asdict(cfg),
                                        "encoder": cfg.encoder, "split": cfg.split,
                                        "data_dir": os.path.abspath(cfg.data_dir),
                                        "thresholds": thresholds, "results": results})
-
-
-def cosine_similarity(encoder, pooling):
-    """score_fn for the siamese layout: cosine of each pair's two question vectors."""
-    def score(batch):
-        # The batch's 2B questions come length-sorted in padded groups (data.Collator).
-        emb = torch.cat([encode(encoder, ids, mask, pooling)
-                         for ids, mask in zip(batch["q_ids"], batch["q_mask"])]).float()  # (2B, H)
-        # The notebook's eps; in fp32, as near-duplicates differ in the third decimal of the cosine.
-        return F.cosine_similarity(emb[batch["q1_pos"]], emb[batch["q2_pos"]], dim=-1, eps=1e-6)  # (B,)
-    return score
 
 
 if __name__ == "__main__":

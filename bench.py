@@ -21,16 +21,16 @@ Stages (--stages, comma-separated, or 'all'):
               sample of pairs after warm-up steps. Ours is train.py's own step (engine.train_step)
               with train.py's defaults on this device (packed batches, CUDA graphs on a GPU); the
               notebook's and the peer's loops are in reference.py.
-  infer       pairs per second of engine.score_dataset (evaluate.py's path) against the notebook's
-              get_predictions.
-  search      index.py's and search.py's speed (retrieval.bench_search): questions embedded per
-              second, exact and ANN (faiss IVF) top-10 latency p50/p95 over as many vectors as a
-              --rows-row file has questions (537,933 for Kaggle's 404,290), ANN recall@10 against
-              exact search, index size on disk and in memory. On the CPU the corpus is random unit
-              vectors of the encoder's dimension (embedding 538k questions on 2 cores takes about an
-              hour; exact search costs the same on any vectors, while ANN meets its worst case:
-              random vectors have no neighbourhoods); on CUDA the synthesized file's questions;
-              with --search_index, the vectors of an index.py folder.
+  infer       pairs per second of the scripts' one inference road (engine.Inference: evaluate.py's,
+              predict.py's, validation's) against the notebook's get_predictions; on CUDA also
+              compiled against eager.
+  search      index.py's and search.py's speed (measure.bench_search), on embedded questions only:
+              questions embedded per second, exact and ANN (faiss IVF) top-10 latency p50/p95, ANN
+              recall@10 against exact search, index size on disk and in memory. The corpus: on the
+              CPU 4,096 questions of the real rows (embedding 538k on 2 cores takes about an hour);
+              on CUDA all the questions of the synthesized --rows-row file (537,933 for 404,290);
+              with --search_index, the vectors of an index.py folder. The latency and recall
+              targets apply at Kaggle's scale (>= 500k questions) only.
   gpu         on CUDA: the train and infer stages, plus model FLOPs utilization (6 x non-embedding
               parameters x real tokens over the measured bf16 matmul rate), the share of step time
               blocked on the loader, peak memory, compile seconds, distinct batch shapes, the
@@ -56,16 +56,17 @@ import engine
 import reference
 from cli import UserError, arg, parse_config, run
 from data import padding_stats, shapes_of, to_device
-from measure import (DISTILBERT_CONFIG, Workspace, attention_kernels, end_to_end, format_table, git_commit,
-                     machine_info, matmul_tflops, notebook_train, ours_train, peer_train, row, sync, synthesize,
-                     versions)
-from model import BUNDLED_MODEL
+from hub import BUNDLED_MODEL
+from measure import (DISTILBERT_CONFIG, Workspace, attention_kernels, bench_search, end_to_end, format_table,
+                     git_commit, machine_info, matmul_tflops, notebook_train, ours_train, peer_train, row, sync,
+                     synthesize, versions)
 from text import read_pairs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("preprocess", "data", "padding", "train", "infer", "search", "gpu")
 NOTEBOOK_EPOCH_PAIRS = 461_792         # the notebook's training set (80% of 577,240 augmented pairs)
 NOTEBOOK_EPOCH_MINUTES = 21.6          # its logged epoch time on Colab's GPU (3608 steps in 21:36)
+SEARCH_TARGET_SCALE = 500_000          # questions: the search latency targets are for Kaggle's 538k
 
 
 @dataclass
@@ -257,33 +258,45 @@ def stage_train(ws, cfg, plan, rt):
 
 
 def stage_infer(ws, cfg, plan, rt):
+    """Scoring pairs/s: ours is the scripts' one inference road (engine.Inference: this device's
+    layout, compiled on CUDA), timed on its second pass over the same loader (the first warms up:
+    compile, CUDA graphs, workers); on CUDA also eager, for what the compile buys."""
     ours_model, nb_model = ws.models["ours"], ws.models["notebook"]
     ours_model.eval()
     rows = ws.sample(plan.infer_pairs, salt=2)
     nb_rows = rows[:16_384]
-
-    def ours(r):
-        return engine.score_dataset(engine.probability(ours_model), ws.subset(r), ws.layout, rt,
-                                    2 * cfg.batch_size, plan.num_workers, verbose=False)
-
-    def notebook(r):
-        q1, q2, _ = ws.pair_texts(r)
-        return reference.notebook_get_predictions(nb_model, ws.tokenizer, q1, q2, batch_size=cfg.batch_size)
-
+    sides = [("ours", "auto")] + ([("ours_eager", "off")] if rt.cuda else [])
     result = {}
-    for name, fn, r in (("ours", ours, rows), ("notebook", notebook, nb_rows)):
-        fn(r[:2 * cfg.batch_size])  # warm-up
+    for name, compile_mode in sides:
+        inference = engine.Inference(ours_model.probability, ws.layout, rt, 2 * cfg.batch_size, compile=compile_mode,
+                                     num_workers=plan.num_workers)
+        loader = inference.loader(ws.subset(rows))
+        inference.run(loader, len(rows), verbose=False)  # warm-up
         sync(rt)
         t0 = time.perf_counter()
-        fn(r)
+        inference.run(loader, len(rows), verbose=False)
         sync(rt)
         seconds = time.perf_counter() - t0
-        result[name] = {"seconds": seconds, "pairs": len(r), "pairs_per_sec": len(r) / seconds}
-    ratio = result["ours"]["pairs_per_sec"] / result["notebook"]["pairs_per_sec"]
-    target, ok = (">= 50,000 pairs/s", result["ours"]["pairs_per_sec"] >= 50_000) if rt.cuda else ("-", None)
-    return {**result, "ratio": ratio, "batch_size": 2 * cfg.batch_size,
-            "rows": [row("infer", f"pairs / s ({len(rows):,} pairs)", result["ours"]["pairs_per_sec"],
-                         result["notebook"]["pairs_per_sec"], ratio, target, ok)]}
+        result[name] = {"seconds": seconds, "pairs": len(rows), "pairs_per_sec": len(rows) / seconds,
+                        "batches": inference.describe()}
+
+    q1, q2, _ = ws.pair_texts(nb_rows)
+    reference.notebook_get_predictions(nb_model, ws.tokenizer, q1[:2 * cfg.batch_size], q2[:2 * cfg.batch_size],
+                                       batch_size=cfg.batch_size)  # warm-up
+    sync(rt)
+    t0 = time.perf_counter()
+    reference.notebook_get_predictions(nb_model, ws.tokenizer, q1, q2, batch_size=cfg.batch_size)
+    sync(rt)
+    seconds = time.perf_counter() - t0
+    result["notebook"] = {"seconds": seconds, "pairs": len(nb_rows), "pairs_per_sec": len(nb_rows) / seconds}
+    ours, nb = result["ours"]["pairs_per_sec"], result["notebook"]["pairs_per_sec"]
+    target, ok = (">= 50,000 pairs/s", ours >= 50_000) if rt.cuda else ("-", None)
+    table = [row("infer", f"pairs / s ({len(rows):,} pairs; {result['ours']['batches']})", ours, nb, ours / nb,
+                 target, ok)]
+    if rt.cuda:
+        eager = result["ours_eager"]["pairs_per_sec"]
+        table.append(row("infer", "  compiled vs eager (ours)", ours, eager, ours / eager))
+    return {**result, "ratio": ours / nb, "batch_size": 2 * cfg.batch_size, "rows": table}
 
 
 def stage_gpu(ws, cfg, plan, rt, report):
@@ -334,26 +347,29 @@ def stage_gpu(ws, cfg, plan, rt, report):
 
 
 def stage_search(ws, cfg, plan, rt):
-    """Index build questions/s, exact and ANN top-10 latency over the questions of a --rows-row file
-    (537,933 for 404,290), index sizes (retrieval.bench_search: on the CPU a sample of the real
-    questions is embedded and the corpus is random unit vectors; on CUDA the synthesized file's
-    questions are all embedded)."""
-    import retrieval
+    """Index build questions/s, exact and ANN top-10 latency and ANN recall on embedded questions,
+    index sizes (measure.bench_search)."""
     encoder = BUNDLED_MODEL if plan.encoder == DISTILBERT_CONFIG else plan.encoder
-    r = retrieval.bench_search(encoder, synthesize(ws)[0] if rt.cuda else cfg.data, rt, 2 * cfg.batch_size,
-                               cfg.seed, rows=cfg.rows, embed_all=rt.cuda and not cfg.search_index,
-                               index_path=cfg.search_index)
+    r = bench_search(encoder, synthesize(ws)[0] if rt.cuda else cfg.data, rt, 2 * cfg.batch_size, cfg.seed,
+                     embed_all=rt.cuda and not cfg.search_index, index_path=cfg.search_index)
     ex, ann, build = r["exact"], r["ann"], r["build"]
     recall, speedup = ann["recall_at_10_vs_exact"], ex["single_p95_ms"] / ann["p95_ms"]
+    # The latency targets are for Kaggle's scale (538k questions); on a smaller corpus they would
+    # pass for free and say nothing, so its rows are reported without one.
+    at_scale = r["vectors"] >= SEARCH_TARGET_SCALE
+
+    def target(text, passed):
+        return (text, passed) if at_scale else ("-", None)
+
     return {**r, "ratio": speedup, "rows": [
         row("search", f"index build: questions / s ({build['questions']:,})", build["questions_per_sec"], None, None),
         row("search", f"exact top-10, {r['vectors']:,} vectors: p95 ms / query (batches of {ex['query_batch']})",
-            ex["batched_p95_ms"], None, None, "< 100 ms", ex["batched_p95_ms"] < 100),
+            ex["batched_p95_ms"], None, None, *target("< 100 ms", ex["batched_p95_ms"] < 100)),
         row("search", "  exact, one query at a time: p95 ms", ex["single_p95_ms"], None, None),
         row("search", f"ANN top-10 (IVF, nprobe {ann['nprobe']}): p95 ms vs exact one at a time", ann["p95_ms"],
-            ex["single_p95_ms"], speedup, "< 10 ms", ann["p95_ms"] < 10),
-        row("search", f"ANN recall@10 vs exact ({r['corpus'].split(' (')[0]})", recall, None, None, ">= 0.95",
-            recall >= 0.95),
+            ex["single_p95_ms"], speedup, *target("< 10 ms", ann["p95_ms"] < 10)),
+        row("search", f"ANN recall@10 vs exact ({r['corpus']})", recall, None, None,
+            *target(">= 0.95", recall >= 0.95)),
         row("search", "index on disk MB (fp16 vectors, norms, ANN)", r["disk_mb"], None, None),
         row("search", "search memory MB (exact matrix, ANN)", sum(r["memory_mb"].values()), None, None)]}
 

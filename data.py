@@ -8,21 +8,22 @@
 - BucketBatchSampler: batches of pairs with similar lengths. Deterministic for (seed, epoch), every
   pair once per epoch, longest batch first (out-of-memory shows at step 0, not hours in), resumable
   from a batch position, shardable over DDP ranks with equal batch counts.
-- Collator: tensors for the two layouts,
-    siamese: each question of a pair is encoded alone; the encoder sees the batch's 2B questions
-             (with question_keys, q_key (2B,): equal for identical questions, for mnrl).
-    cross:   one joined sequence per pair, [CLS] q1 [SEP] q2 [SEP], with segment ids.
-  in two forms:
-    exact  (CPU): padded tensors; siamese questions sorted by length and cut into <= 2 groups
-             where padding is least (one encoder call each; q1_pos/q2_pos say where each pair's
-             questions landed). ~92% of tokens real on QQP with bucketed batches.
-    packed (GPU): sequences packed whole into rows of max_len tokens (first-fit), each token
-             attending only to its own sequence, positions restarting at each one: one encoder
-             call of (rows, max_len), the row count a multiple of 4, always batch_size pairs (a
-             short last batch filled with ignored copies). A handful of fixed shapes, so compiled
-             kernels and CUDA graphs are built once per shape instead of once per batch.
+- Collator: tensors for three layouts,
+    siamese:   each question of a pair is encoded alone; the sequences are the batch's q1s, then
+               its q2s (with question_keys, q_key (2B,): equal for identical questions, for mnrl).
+    cross:     one joined sequence per pair, [CLS] q1 [SEP] q2 [SEP], with segment ids.
+    questions: single questions (QuestionDataset: index.py, search.py's queries, mining).
+  in two forms, chosen by the --shapes flag of every script that batches (engine.batch_layout:
+  packed on CUDA, exact on the CPU by default); model.Encoder.vectors reads both:
+    exact:  the sequences sorted by length and cut into <= 2 padded groups where padding is least
+            (seq_ids, seq_mask, seq_types: one encoder call each; seq_order says where each
+            sequence landed). ~92% of tokens real on QQP with bucketed batches.
+    packed: sequences packed whole into rows of max_len tokens (first-fit), each token attending
+            only to its own sequence, positions restarting at each one: one encoder call of
+            (rows, max_len), the row count a multiple of 4, always batch_size items (a short last
+            batch filled with copies marked index -1). A handful of fixed shapes, so compiled
+            kernels and CUDA graphs are built once per shape instead of once per batch.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -31,22 +32,15 @@ import numpy as np
 import torch
 
 from cli import UserError
+from text import NO_LABEL, file_sha256
 
 FORMAT_VERSION = 2  # of the folder preprocess.py writes; bump when the layout changes
 SPLITS = ("train", "validation", "test")
+LAYOUTS = ("siamese", "cross", "questions")  # what a batch's sequences are (Collator)
 ARRAY_FILES = ("tokens.npy", "offsets.npy", *(f"{s}.npy" for s in SPLITS))
-IGNORE_LABEL = -100  # cross-entropy's ignore_index: fill pairs and pairs without a label
 
 
 # ----------------------------------------------------------------------------- the folder
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def rerun_fix(data_dir, manifest=None):
     source = (manifest or {}).get("source", "train.csv")
@@ -334,34 +328,54 @@ def pack(lengths, row_len):
 
 
 class Collator:
-    """List of dataset items -> dict of tensors (see the module docstring for the layouts).
+    """List of dataset items -> dict of tensors (see the module docstring for layouts and forms).
 
-    exact (row_len=None): padded tensors; siamese questions cut into <= `chunks` groups where
-    padding is least (q_ids, q_mask, q1_pos, q2_pos), cross pairs padded to the longest
-    (input_ids, attention_mask, token_type_ids).
-    packed (row_len set): always batch_size pairs (a short batch is filled with copies marked
-    index -1, label IGNORE_LABEL); the sequences (siamese: the 2B questions, q1s then q2s; cross:
-    the B joined pairs) are packed into rows of row_len tokens, the row count rounded up to a
-    multiple of row_multiple: packed_ids, packed_pos (position inside its sequence), packed_seg
-    (which sequence, -1 on padding), packed_types (cross: segment ids). A few fixed shapes."""
+    Every batch has index (B,) (-1: a fill item); pair batches also labels (B,). The sequences
+    (siamese: the 2B questions, q1s then q2s; cross: the B joined pairs; questions: the B
+    questions) come as
+    exact (row_len=None): seq_ids, seq_mask (and seq_types for cross), lists of (n_g, L_g) padded
+      groups, <= `chunks` of them cut where padding is least; seq_order (n,) the row of each
+      sequence in their concatenation.
+    packed (row_len set): always batch_size items (a short batch is filled with copies of its
+      first item, index -1, label NO_LABEL); the sequences packed into rows of row_len tokens,
+      the row count rounded up to a multiple of row_multiple: packed_ids, packed_pos (position
+      inside its sequence), packed_seg (which sequence, -1 on padding), packed_types (cross)."""
 
     def __init__(self, layout, pad_id, chunks=2, batch_size=None, row_len=None, row_multiple=4,
                  max_joined_len=512, question_keys=False):
-        if layout not in ("siamese", "cross"):
-            raise ValueError(f"layout '{layout}': use 'siamese' or 'cross'")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout '{layout}': use one of {LAYOUTS}")
         if row_len is not None and batch_size is None:
             raise ValueError("packed batches need their batch_size")
         self.layout, self.pad_id, self.chunks = layout, pad_id, chunks
         self.batch_size, self.row_len, self.row_multiple = batch_size, row_len, row_multiple
         self.max_joined_len, self.question_keys = max_joined_len, question_keys
 
-    def pad(self, seqs):
-        """Sequences -> (n, L) ids and mask, L the longest."""
+    def pad(self, seqs, value):
+        """Sequences -> (n, L) values padded with `value`, and the 0/1 mask; L the longest."""
         lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         mask = np.arange(int(lens.max()))[None, :] < lens[:, None]  # (n, L) True on real tokens
-        ids = np.full(mask.shape, self.pad_id, dtype=np.int64)
+        ids = np.full(mask.shape, value, dtype=np.int64)
         ids[mask] = np.concatenate(seqs)  # row-major: fills each row's real tokens in order
         return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+
+    def exact(self, seqs, types=None):
+        """Sequences -> padded groups of similar length: seq_ids, seq_mask (, seq_types), seq_order."""
+        lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        order = np.argsort(lens, kind="stable")
+        cuts = best_cuts(lens[order], self.chunks)
+        out = {"seq_ids": [], "seq_mask": [], **({"seq_types": []} if types is not None else {})}
+        for start, end in zip([0] + cuts[:-1], cuts):
+            members = order[start:end].tolist()
+            ids, mask = self.pad([seqs[k] for k in members], self.pad_id)  # (n_g, L_g) each
+            out["seq_ids"].append(ids)
+            out["seq_mask"].append(mask)
+            if types is not None:
+                out["seq_types"].append(self.pad([types[k] for k in members], 0)[0])
+        row = np.empty(len(seqs), dtype=np.int64)
+        row[order] = np.arange(len(seqs))  # row of each sequence in cat(seq_ids)
+        out["seq_order"] = torch.from_numpy(row)
+        return out
 
     def packed(self, seqs, types=None):
         """Sequences -> (R, row_len) packed_ids, packed_pos, packed_seg (and packed_types)."""
@@ -384,15 +398,31 @@ class Collator:
             out["packed_types"] = torch.from_numpy(tt)
         return out
 
+    def sequences(self, seqs, types=None):
+        return self.exact(seqs, types) if self.row_len is None else self.packed(seqs, types)
+
+    def join(self, a, b):
+        """One cross-encoder sequence: [CLS] q1 [SEP] q2 [SEP] and its segment ids. Over
+        max_joined_len the budget is shared: the shorter question keeps its length up to half of
+        it, and each trimmed question keeps its final [SEP]."""
+        b = b[1:]  # q2 without its [CLS]
+        if len(a) + len(b) > self.max_joined_len:
+            n_b = min(len(b), max(self.max_joined_len // 2, self.max_joined_len - len(a)))
+            n_a = self.max_joined_len - n_b
+            a, b = np.r_[a[:n_a - 1], a[-1:]], np.r_[b[:n_b - 1], b[-1:]]
+        return np.concatenate([a, b]), np.r_[np.zeros(len(a), np.int64), np.ones(len(b), np.int64)]
+
     def __call__(self, items):
         if self.row_len is not None and len(items) < self.batch_size:
-            # A short (last) batch keeps the fixed pair count: copies of its first pair, ignored.
-            _, q1, q2, _ = items[0]
-            items = list(items) + [(-1, q1, q2, IGNORE_LABEL)] * (self.batch_size - len(items))
+            # A short (last) batch keeps the fixed item count: copies of its first item, ignored.
+            fill = (-1, *items[0][1:-1], NO_LABEL) if self.layout != "questions" else (-1, items[0][1])
+            items = list(items) + [fill] * (self.batch_size - len(items))
+        if self.layout == "questions":
+            index, questions = zip(*items)
+            return {"index": torch.tensor(index, dtype=torch.int64), **self.sequences(list(questions))}
         index, q1, q2, labels = zip(*items)
-        labels = torch.tensor(labels, dtype=torch.int64)
         batch = {"index": torch.tensor(index, dtype=torch.int64),
-                 "labels": labels.masked_fill(labels < 0, IGNORE_LABEL)}  # (B,)
+                 "labels": torch.tensor(labels, dtype=torch.int64)}  # (B,), NO_LABEL where unknown
         if self.layout == "siamese":
             questions = q1 + q2  # (2B,) q1 of every pair, then q2 of every pair
             if self.question_keys:  # only when asked: it costs a sixth of a batch's collation
@@ -400,117 +430,59 @@ class Collator:
                 # include a copy of the query or of its answer.
                 keys = {}
                 batch["q_key"] = torch.tensor([keys.setdefault(q.tobytes(), len(keys)) for q in questions])  # (2B,)
-            if self.row_len is not None:
-                batch.update(self.packed(questions))
-                return batch
-            q_len = np.array([len(q) for q in questions])
-            order = np.argsort(q_len, kind="stable")
-            cuts = best_cuts(q_len[order], self.chunks)
-            ids, masks = [], []
-            for start, end in zip([0] + cuts[:-1], cuts):
-                i, m = self.pad([questions[k] for k in order[start:end]])  # (n, L) each
-                ids.append(i)
-                masks.append(m)
-            pos = np.empty(len(questions), dtype=np.int64)
-            pos[order] = np.arange(len(questions))  # row of each question in cat(ids)
-            B = len(q1)
-            batch.update(q_ids=ids, q_mask=masks,
-                         q1_pos=torch.from_numpy(pos[:B]), q2_pos=torch.from_numpy(pos[B:]))
+            batch.update(self.sequences(list(questions)))
             return batch
-        joined, types = [], []
-        for a, b in zip(q1, q2):
-            b = b[1:]  # q2 without its [CLS]: [CLS] q1 [SEP] q2 [SEP]
-            if len(a) + len(b) > self.max_joined_len:
-                # Share the budget: the shorter question keeps its length up to half of it;
-                # each trimmed question keeps its final [SEP].
-                n_b = min(len(b), max(self.max_joined_len // 2, self.max_joined_len - len(a)))
-                n_a = self.max_joined_len - n_b
-                a, b = np.r_[a[:n_a - 1], a[-1:]], np.r_[b[:n_b - 1], b[-1:]]
-            joined.append(np.concatenate([a, b]))
-            types.append(np.r_[np.zeros(len(a), np.int64), np.ones(len(b), np.int64)])
-        if self.row_len is not None:
-            batch.update(self.packed(joined, types))
-            return batch
-        ids, mask = self.pad(joined)
-        token_types = torch.zeros_like(ids)
-        for r, t in enumerate(types):
-            token_types[r, :len(t)] = torch.from_numpy(t)
-        batch.update(input_ids=ids, attention_mask=mask, token_type_ids=token_types)
+        joined, types = zip(*(self.join(a, b) for a, b in zip(q1, q2)))
+        batch.update(self.sequences(list(joined), list(types)))
         return batch
 
 
 class QuestionDataset(torch.utils.data.Dataset):
-    """Single questions, for embedding (index.py): items (question index, token ids) over flat
-    token arrays (text.tokenize's, or a data folder's tokens.npy / offsets.npy)."""
+    """Single questions, for embedding (index.py, search.py's queries, mining): items (question
+    index, token ids) over flat token arrays (text.tokenize's, or a data folder's tokens.npy /
+    offsets.npy)."""
 
-    def __init__(self, tokens, offsets, pad_token_id):
+    def __init__(self, tokens, offsets, pad_token_id, max_len):
         self.tokens, self.offsets = tokens, offsets
-        self.manifest = {"pad_token_id": pad_token_id}
+        self.manifest = {"pad_token_id": pad_token_id, "max_len": max_len}
 
     def __len__(self):
         return len(self.offsets) - 1
 
-    def lengths(self):
+    def lengths(self, layout="questions"):
         return np.diff(self.offsets)
 
     def __getitem__(self, i):
         return i, self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
 
-class QuestionCollator:
-    """Questions -> {"index": (n,), and "ids", "mask": (n, L)} exact, or packed like Collator
-    (packed_ids, packed_pos, packed_seg; always batch_size questions, fill rows index -1)."""
-
-    def __init__(self, pad_id, batch_size=None, row_len=None):
-        self.pairs = Collator("siamese", pad_id, chunks=1, batch_size=batch_size, row_len=row_len)
-
-    def __call__(self, items):
-        index, questions = zip(*items)
-        if self.pairs.row_len is not None:
-            fill = self.pairs.batch_size - len(items)
-            index, questions = index + (-1,) * fill, questions + (questions[0],) * fill
-            return {"index": torch.tensor(index, dtype=torch.int64), **self.pairs.packed(list(questions))}
-        ids, mask = self.pairs.pad(list(questions))
-        return {"index": torch.tensor(index, dtype=torch.int64), "ids": ids, "mask": mask}
-
-
-def question_loader(dataset, batch_size, num_workers=0, pin_memory=False, packed=False, max_len=128):
-    """Questions in batches: exact ones of similar length, longest first; packed ones in a fixed
-    random order (every batch about as many tokens: few row counts)."""
-    sampler = BucketBatchSampler(dataset.lengths(), batch_size, shuffle=packed, bucket_batches=1)
-    collate = QuestionCollator(dataset.manifest["pad_token_id"] or 0, batch_size, max_len if packed else None)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=num_workers, pin_memory=pin_memory)
-
-
 def padding_stats(batch):
     """(real tokens, padded tokens) of a collated batch: how much encoder work is real. Fill
-    pairs count as padding."""
+    items count as padding."""
     fill = (batch["index"] < 0).numpy()
+    n = len(fill)
     if "packed_seg" in batch:
-        seg, n = batch["packed_seg"].numpy(), len(fill)
-        counts = np.bincount(seg[seg >= 0], minlength=2 * n)  # tokens per packed sequence
-        # siamese sequences are the q1s then the q2s; cross ones are the joined pairs
-        per_pair = counts[:n] if "packed_types" in batch else counts[:n] + counts[n:2 * n]
-        return int(per_pair[~fill].sum()), seg.size
-    masks = batch["q_mask"] if "q_mask" in batch else [batch["attention_mask"]]
-    padded = sum(m.numel() for m in masks)
-    real = sum(int(m.sum()) for m in masks)
-    if fill.any():  # remove the fill pairs' tokens from the real count
-        fill = torch.from_numpy(fill)
-        if "q_mask" in batch:
-            rows = torch.cat([m.sum(1) for m in masks])  # (2B,) tokens per question row
-            real -= int(rows[batch["q1_pos"][fill]].sum() + rows[batch["q2_pos"][fill]].sum())
-        else:
-            real -= int(batch["attention_mask"][fill].sum())
-    return real, padded
+        seg = batch["packed_seg"].numpy()
+        per_seq = np.bincount(seg[seg >= 0], minlength=2 * n)  # tokens per packed sequence
+        padded = seg.size
+    else:
+        per_seq = torch.cat([m.sum(1) for m in batch["seq_mask"]])[batch["seq_order"]].numpy()
+        padded = sum(m.numel() for m in batch["seq_mask"])
+    per_item = per_seq[:n] + per_seq[n:2 * n] if sequences_per_item(batch) == 2 else per_seq[:n]
+    return int(per_item[~fill].sum()), padded
+
+
+def sequences_per_item(batch):
+    """2 in siamese pair batches (the q1s, then the q2s), 1 in cross pairs (segment ids) and
+    single questions (no labels)."""
+    return 2 if "labels" in batch and "seq_types" not in batch and "packed_types" not in batch else 1
 
 
 def shapes_of(batch):
     """The tensor shapes an encoder sees for this batch: one (rows, length) per encoder call."""
     if "packed_ids" in batch:
         return (tuple(batch["packed_ids"].shape),)
-    return tuple(tuple(t.shape) for t in batch.get("q_ids", [batch.get("input_ids")]))
+    return tuple(tuple(t.shape) for t in batch["seq_ids"])
 
 
 def to_device(batch, device):
@@ -526,7 +498,8 @@ def to_device(batch, device):
 
 def make_loader(dataset, layout, batch_size, *, shuffle, seed=0, num_replicas=1, rank=0,
                 num_workers=0, pin_memory=False, chunks=2, packed=False, max_len=None, question_keys=False):
-    """A DataLoader over one split with the bucketed sampler; returns (loader, sampler).
+    """A DataLoader over a dataset (a split's pairs, or QuestionDataset's questions with layout
+    "questions") with the bucketed sampler; returns (loader, sampler).
     packed: the Collator's packed rows of max_len tokens (cross: the longest joined pair), in
     random batches: packing needs no length buckets, and random batches carry about the same
     number of tokens, so the row count barely varies (scoring too: order is irrelevant there).
@@ -537,7 +510,7 @@ def make_loader(dataset, layout, batch_size, *, shuffle, seed=0, num_replicas=1,
     row_len = None
     if packed:
         max_len = max_len or int(dataset.manifest.get("max_len") or 128)
-        row_len = max_len if layout == "siamese" else min(2 * max_len - 1, 512)
+        row_len = min(2 * max_len - 1, 512) if layout == "cross" else max_len
     collate = Collator(layout, dataset.manifest["pad_token_id"] or 0, chunks=chunks,
                        batch_size=batch_size, row_len=row_len, question_keys=question_keys)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -574,8 +547,8 @@ def open_splits(data_dir, split):
 def pairs_from_file(path, tok, max_len, pad_token_id, require_label=True):
     """A raw CSV/TSV of pairs, tokenized like the training data.
     Returns (InMemoryPairs, the pairs dict of text.read_pairs, rejects, rows_read)."""
-    from text import UNKNOWN_LABEL, encode_pairs, read_pairs
+    from text import encode_pairs, read_pairs
     pairs, rejects, rows_read = read_pairs(path, require_label=require_label)
-    labels = pairs["label"] if pairs["label"] is not None else [UNKNOWN_LABEL] * len(pairs["q1"])
+    labels = pairs["label"] if pairs["label"] is not None else [NO_LABEL] * len(pairs["q1"])
     tokens, offsets, triples = encode_pairs(tok, pairs["q1"], pairs["q2"], labels, max_len)
     return InMemoryPairs(tokens, offsets, triples, pad_token_id), pairs, rejects, rows_read

@@ -9,7 +9,7 @@ library behind teach.py and train.py --teacher_file.
   pairs and the mined ones, plus each teacher's validation metrics.
 - The teacher file (.npz, written by teach.py):
       pairs   (M, 3) int64    q1, q2, label: the training split's pairs in order (their gold
-                              labels), then the mined pairs (label -1: unknown)
+                              labels), then the mined pairs (label text.NO_LABEL, -1)
       probs   (M,)   float32  the teacher's p(duplicate) of each pair: the student's target
       record  JSON            format, the data folder's fingerprint, teachers, mining, metrics
   load_teacher_file checks that it belongs to the data folder a run trains on.
@@ -22,11 +22,12 @@ import torch
 
 import engine
 from cli import UserError
-from data import InMemoryPairs, PairDataset, QuestionDataset, file_sha256, fingerprint
+from data import InMemoryPairs, PairDataset, QuestionDataset, fingerprint
 from metrics import compute_metrics
+from model import load_model, load_question_encoder
+from text import NO_LABEL, file_sha256
 
 FORMAT = "qqp-teacher-v1"
-UNKNOWN = -1  # label of a mined pair
 
 
 # ----------------------------------------------------------------------------- mining
@@ -70,7 +71,7 @@ def select_mined(candidates, qids, tokens, offsets, labelled, n, seed):
     pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
     rng = np.random.default_rng(seed)
     pairs = pairs[rng.permutation(len(pairs))[:n]]
-    return np.concatenate([pairs, np.full((len(pairs), 1), UNKNOWN)], 1).astype(np.int64)  # (n', 3)
+    return np.concatenate([pairs, np.full((len(pairs), 1), NO_LABEL)], 1).astype(np.int64)  # (n', 3)
 
 
 def question_subset(tokens, offsets, qids):
@@ -80,22 +81,23 @@ def question_subset(tokens, offsets, qids):
     return sub, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
-def mine_pairs(train, by, k, n, seed, rt, encoder="", batch_size=256, texts=None):
-    """(n', 3) mined pairs (q1, q2, UNKNOWN) among the training split's questions, n' <= n.
+def mine_pairs(train, by, k, n, seed, rt, encoder="", batch_size=256, texts=None, shapes="auto", compile="auto"):
+    """(n', 3) mined pairs (q1, q2, NO_LABEL) among the training split's questions, n' <= n.
     by "encoder": cosine of the untuned encoder's mean-pooled vectors (it must share the folder's
     vocabulary: the folder's token ids are embedded as they are); by "bm25": texts[qid] needed."""
     qids = training_questions(train.pairs)  # (Q,)
     manifest, tokens, offsets = train.manifest, train.tokens, train.offsets
     if by == "encoder":
-        from retrieval import load_question_encoder
         qe = load_question_encoder(encoder=encoder or manifest["tokenizer"], max_len=manifest["max_len"])
         if qe.record["vocab_hash"] != manifest["vocab_hash"]:
             raise UserError(f"--encoder {encoder}: its vocabulary differs from the one {train.data_dir} was "
                             "tokenized with", "pass an encoder with the folder's vocabulary, or --mine_by bm25")
         qe.to(rt.device)
         sub_tokens, sub_offsets = question_subset(tokens, offsets, qids)
-        vectors = engine.embed(qe.encode, QuestionDataset(sub_tokens, sub_offsets, manifest["pad_token_id"]),
-                               rt, batch_size, max_len=manifest["max_len"], desc="mining: embedding")
+        inference = engine.Inference(qe.module.question_vectors, "questions", rt, batch_size, shapes, compile,
+                                     max_len=manifest["max_len"])
+        vectors = inference(QuestionDataset(sub_tokens, sub_offsets, manifest["pad_token_id"], manifest["max_len"]),
+                            "mining: embedding")
         candidates = neighbour_pairs(vectors, k)
     else:
         candidates = bm25_pairs([texts[q] for q in qids], k)
@@ -104,11 +106,10 @@ def mine_pairs(train, by, k, n, seed, rt, encoder="", batch_size=256, texts=None
 
 # ----------------------------------------------------------------------------- the teacher
 
-def teacher_probabilities(checkpoints, train, pairs, rt, batch_size, num_workers=0):
+def teacher_probabilities(checkpoints, train, pairs, rt, batch_size, num_workers=0, shapes="auto", compile="auto"):
     """((M,) mean p(duplicate) of the checkpoints over pairs (M, 3) of the folder's questions,
     {"teachers": [...], "validation": metrics of the mean}). Each teacher must have been trained
     on this folder: one trained elsewhere may have seen its validation or test questions."""
-    from model import load_model
     manifest = train.manifest
     dataset = InMemoryPairs(train.tokens, train.offsets, pairs, manifest["pad_token_id"])
     validation = PairDataset(train.data_dir, "validation")
@@ -121,8 +122,8 @@ def teacher_probabilities(checkpoints, train, pairs, rt, batch_size, num_workers
                             "or test pairs", f"train the teacher on {train.data_dir} (train.py --data_dir "
                             f"{train.data_dir} --arch cross)")
         model.to(rt.device)
-        score = lambda ds, desc: engine.score_dataset(engine.probability(model), ds, model.cfg.arch, rt, batch_size,
-                                                      num_workers, ckpt["data"]["max_len"], desc=desc)
+        score = engine.Inference(model.probability, model.cfg.arch, rt, batch_size, shapes, compile, num_workers,
+                                 max_len=ckpt["data"]["max_len"])
         probs.append(score(dataset, f"teacher {os.path.basename(os.path.dirname(os.path.abspath(path)))}"))
         val_probs.append(score(validation, "teacher on validation"))
         m = compute_metrics(validation.labels, val_probs[-1], 0.5)
@@ -166,7 +167,7 @@ def load_teacher_file(path, train):
     n = len(train)
     if pairs.ndim != 2 or pairs.shape[1] != 3 or len(probs) != len(pairs) or len(pairs) < n or \
             not np.array_equal(pairs[:n], np.asarray(train.pairs, dtype=np.int64)) or \
-            (pairs[n:, 2] != UNKNOWN).any() or pairs[:, :2].max() >= len(train.offsets) - 1 or \
+            (pairs[n:, 2] != NO_LABEL).any() or pairs[:, :2].max() >= len(train.offsets) - 1 or \
             not (np.isfinite(probs) & (probs >= 0) & (probs <= 1)).all():
         raise UserError(f"{path}: its pairs or probabilities do not fit {train.data_dir}'s training split: "
                         "the file is damaged", fix)

@@ -4,12 +4,14 @@
 - build_optimizer / build_scheduler / GradScaler: AdamW (fused on CUDA), linear warmup and decay.
 - prepare_model: DDP and torch.compile in the right order (compile(DDP(model))); CUDA graphs.
 - train_step: one optimizer step over its micro-batches, each weighted by its pairs.
-- score / score_dataset: one scoring loop (validation, evaluate.py, predict.py, the baselines,
-  bench.py), scores put back in dataset order; embed: the same for single questions (index.py).
+- Inference: the one inference loop. Every scorer runs it: train.py's validation and test,
+  evaluate.py, predict.py, baseline_cosine.py, index.py, search.py's queries, teach.py's teachers
+  and mining, bench.py. Batches in the layout --shapes picks, compiled as training is (CUDA graphs
+  on one GPU), per-item outputs (scores or vectors) put back in dataset order.
 - StopSignal, rng_state: stopping cleanly and resuming exactly.
 
-train.py, evaluate.py, predict.py, baseline_cosine.py and bench.py all run these functions, so the
-benchmark times exactly what training runs.
+train.py, the scoring scripts and bench.py all run these functions, so the benchmark times exactly
+what the scripts run.
 """
 import os
 import random
@@ -23,11 +25,15 @@ import numpy as np
 import torch
 
 from cli import UserError
-from data import make_loader, question_loader, to_device
+from data import make_loader, to_device
 from objectives import batch_loss
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+SHAPES = ("auto", "exact", "packed")
+# The flags every script that batches shares (help texts here: one vocabulary across scripts).
+SHAPES_HELP = "batches; auto: packed on CUDA (a few fixed shapes), exact on CPU (least padding)"
+COMPILE_HELP = "torch.compile; auto: CUDA graphs (reduce-overhead) on one GPU, default under DDP, off on CPU"
 
 
 @dataclass
@@ -163,7 +169,10 @@ def build_scaler(rt):
 def batch_layout(rt, shapes="auto"):
     """Packed batches? auto: packed on CUDA (one encoder call of a few fixed shapes per batch:
     compiled once, replayed as CUDA graphs, no per-shape attention plans), exact on the CPU
-    (padded groups cut where padding is least: no attention over a packed row's other tokens)."""
+    (padded groups cut where padding is least: no attention over a packed row's other tokens).
+    Either works on any device: the layout is a flag, so CI runs the GPU's layout on the CPU."""
+    if shapes not in SHAPES:
+        raise UserError(f"--shapes {shapes}: unknown", f"use one of {', '.join(SHAPES)}")
     return shapes == "packed" or (shapes == "auto" and rt.cuda)
 
 
@@ -181,30 +190,33 @@ def resolve_compile(mode, rt, grad_accum_steps=1):
     return "reduce-overhead" if rt.world == 1 and grad_accum_steps == 1 else "default"
 
 
+def compiled(fn, compile_mode):
+    """torch.compile(fn) in the resolved mode ('off': fn itself). With packed batches only the row
+    count varies, over a few values: compiled once with it symbolic (mark_dynamic); CUDA graphs
+    (reduce-overhead) are recorded once per row count."""
+    if compile_mode == "off":
+        return fn
+    return torch.compile(fn, mode=None if compile_mode == "default" else compile_mode)
+
+
 def prepare_model(model, rt, compile_mode):
     """Wrap for DDP first, then compile: torch.compile(DDP(model)) lets the compiler split graphs
-    at DDP's gradient buckets so communication overlaps the backward pass. With packed batches
-    only the row count varies, over a few values: compiled once with it symbolic; CUDA graphs
-    (reduce-overhead) are recorded once per row count."""
+    at DDP's gradient buckets so communication overlaps the backward pass."""
     if rt.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.cuda else None)
-    if compile_mode != "off":
-        # Sizes that happen to be equal in the first batch (36 rows, 36 tokens) must not be merged
-        # into one symbol: the next batch would fail that guard and recompile.
-        import torch.fx.experimental._config as fx_config
-        fx_config.use_duck_shape = False
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
-    return model
+    return compiled(model, compile_mode)
 
 
 def mark_dynamic(batch):
-    """Compile once for all the shapes a batch takes: the row count of packed tensors, the
-    length of exact ones, is symbolic (the other dimension is fixed, which keeps kernels simple)."""
-    for key, dim in (("packed_ids", 0), ("packed_pos", 0), ("packed_seg", 0), ("packed_types", 0),
-                     ("q_ids", 1), ("q_mask", 1), ("input_ids", 1), ("attention_mask", 1), ("token_type_ids", 1)):
+    """Compile once for all the shapes a batch takes: the row count of packed tensors, the rows and
+    length of exact groups, are symbolic (packed rows keep a fixed length, which keeps kernels
+    simple)."""
+    for key, dims in (("packed_ids", (0,)), ("packed_pos", (0,)), ("packed_seg", (0,)), ("packed_types", (0,)),
+                      ("seq_ids", (0, 1)), ("seq_mask", (0, 1)), ("seq_types", (0, 1))):
         for t in batch[key] if isinstance(batch.get(key), list) else [batch[key]] if key in batch else []:
-            torch._dynamo.maybe_mark_dynamic(t, dim)
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 def mark_step():
@@ -306,12 +318,7 @@ def seed_everything(seed):
     np.random.seed(seed)
 
 
-# ----------------------------------------------------------------------------- scoring
-
-def probability(model):
-    """score_fn of a pair classifier: probability of duplicate, softmax over the classes."""
-    return lambda batch: model(batch).float().softmax(-1)[:, 1]  # (B, 2) logits -> (B,)
-
+# ----------------------------------------------------------------------------- inference
 
 def progress_bar(total, desc, unit="pair"):
     """tqdm on a terminal only: in logs a bar is noise, one line at the end says the same."""
@@ -319,76 +326,96 @@ def progress_bar(total, desc, unit="pair"):
     return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty())
 
 
-@torch.inference_mode()
-def score(score_fn, loader, n, rt, desc="scoring", gather=False, verbose=True):
-    """Score every pair of a loader's dataset: (n,) float32 in dataset order.
+class Inference:
+    """The one inference loop: fn over every item of a dataset, in the batches training makes on
+    this device, outputs back in dataset order.
 
-    Batches come length-sorted (least padding; order is irrelevant here); fill pairs (index -1)
-    are dropped and each batch's scores are put back by batch["index"]. Scores stay on the device
-    until the end (4 bytes a pair): no device-to-host sync per batch. gather: under DDP each
-    process scored its shard; every process gets all n scores. score_fn(batch) -> (B,) scores."""
-    bar = progress_bar(n, desc)
-    t0 = time.time()
-    index, chunks = [], []
-    with rt.autocast():
-        for batch in loader:
-            mark_step()
-            out = score_fn(to_device(batch, rt.device))  # (B,)
-            chunks.append(out.float().clone())  # a copy: a CUDA graph reuses its output memory
-            index.append(batch["index"].numpy())
-            bar.update(int((batch["index"] >= 0).sum()))
-    bar.close()
-    index = np.concatenate(index) if index else np.zeros(0, np.int64)
-    values = torch.cat(chunks).cpu().numpy() if chunks else np.zeros(0, np.float32)
-    keep = index >= 0  # drop fill pairs here, on the CPU (a boolean index on the GPU would sync)
-    index, values = index[keep], values[keep]
-    if gather and rt.world > 1:
-        parts = [None] * rt.world
-        torch.distributed.all_gather_object(parts, (index, values))
-        index = np.concatenate([p[0] for p in parts])
-        values = np.concatenate([p[1] for p in parts])
-    scores = np.full(n, np.nan, np.float32)
-    scores[index] = values
-    seconds = time.time() - t0
-    if verbose and rt.master:
-        print(f"{desc}: {n:,} pairs in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} pairs/s)", flush=True)
-    if not np.isfinite(scores).all():  # e.g. fp16 overflow: metrics on NaN would be meaningless
-        raise UserError(f"{desc}: {int((~np.isfinite(scores)).sum())} of {n:,} scores are NaN or inf",
-                        "retry with --precision fp32 (or --device cpu) to rule out reduced precision")
-    return scores
+    fn(batch) -> (B, ...) per-item outputs of a collated batch (model.PairModel.probability,
+    model.Encoder.pair_cosine, model.Encoder.question_vectors): the same road to vectors and
+    scores for exact and packed batches. shapes: the layout (engine.batch_layout; auto: packed on
+    CUDA). compile: as train.py's --compile (auto: CUDA graphs on one GPU, off on the CPU); in auto
+    a job shorter than MIN_COMPILED_BATCHES batches runs eager, as one pair or one query would wait
+    seconds for a compile that saves it nothing. Outputs stay on the device for `group` batches,
+    then are copied out in one transfer: no per-batch host sync."""
+    MIN_COMPILED_BATCHES = 16
 
+    def __init__(self, fn, layout, rt, batch_size, shapes="auto", compile="auto", num_workers=0, max_len=None,
+                 group=64, unit=None):
+        self.fn, self.layout, self.rt, self.batch_size = fn, layout, rt, batch_size
+        self.packed = batch_layout(rt, shapes)
+        self.compile_mode = resolve_compile(compile, rt)
+        self.auto_compile = compile == "auto"
+        self.num_workers, self.max_len, self.group = num_workers, max_len, group
+        self.unit = unit or ("question" if layout == "questions" else "pair")
+        self._compiled = None
 
-def score_dataset(score_fn, dataset, layout, rt, batch_size, num_workers=0, max_len=None,
-                  desc="scoring", verbose=True):
-    """score() over a whole dataset with its own loader: packed on CUDA, exact on the CPU."""
-    loader, _ = make_loader(dataset, layout, batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=rt.cuda, packed=batch_layout(rt), max_len=max_len)
-    return score(score_fn, loader, len(dataset), rt, desc=desc, verbose=verbose)
+    def describe(self):
+        return f"batches {'packed' if self.packed else 'exact'} | compile {self.compile_mode}"
 
+    def loader(self, dataset, num_replicas=1, rank=0):
+        """Batches of a dataset, as training makes them (sorted by length when exact, for the least
+        padding; packed ones in random order: every batch about as many tokens); a DDP rank's shard
+        with num_replicas > 1."""
+        loader, _ = make_loader(dataset, self.layout, self.batch_size, shuffle=False, num_replicas=num_replicas,
+                                rank=rank, num_workers=self.num_workers, pin_memory=self.rt.cuda,
+                                packed=self.packed, max_len=self.max_len)
+        return loader
 
-@torch.inference_mode()
-def embed(encode_fn, dataset, rt, batch_size=512, num_workers=0, max_len=128, desc="embedding", verbose=True):
-    """(N, H) float32 vectors of every question of a data.QuestionDataset, in dataset order, through
-    the same length-sorted batches and device path as scoring. encode_fn(ids, mask) -> (n, H)."""
-    loader = question_loader(dataset, batch_size, num_workers=num_workers, pin_memory=rt.cuda, max_len=max_len)
-    bar = progress_bar(len(dataset), desc, unit="question")
-    t0 = time.time()
-    index, chunks = [], []
-    with rt.autocast():
-        for batch in loader:
-            mark_step()
-            batch = to_device(batch, rt.device)
-            chunks.append(encode_fn(batch["ids"], batch["mask"]).float().clone())  # (n, H)
-            index.append(batch["index"].cpu().numpy())
-            bar.update(int((index[-1] >= 0).sum()))
-    bar.close()
-    index = np.concatenate(index) if index else np.zeros(0, np.int64)
-    values = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, 0), np.float32)
-    vectors = np.zeros((len(dataset), values.shape[1] if values.ndim == 2 else 0), np.float32)
-    keep = index >= 0
-    vectors[index[keep]] = values[keep]
-    if verbose and rt.master:
+    def __call__(self, dataset, desc="scoring", verbose=True):
+        """(N, ...) float32 outputs for every item of the dataset, in its order."""
+        return self.run(self.loader(dataset), len(dataset), desc, verbose=verbose)
+
+    def step_fn(self, n_batches):
+        """fn, or fn compiled (once, then reused) when this job is worth it."""
+        if self.compile_mode == "off" or (self.auto_compile and n_batches < self.MIN_COMPILED_BATCHES):
+            return self.fn, False
+        if self._compiled is None:
+            self._compiled = compiled(self.fn, self.compile_mode)
+        return self._compiled, True
+
+    @torch.no_grad()
+    def run(self, loader, n, desc="scoring", gather=False, verbose=True):
+        """fn over a loader of a dataset of n items: (n, ...) float32 in dataset order. Fill items
+        (index -1) are dropped; under DDP (gather) each process ran its shard and every process
+        gets all n outputs. A non-finite output is a UserError (metrics on NaN mean nothing)."""
+        rt = self.rt
+        fn, is_compiled = self.step_fn(len(loader))
+        bar = progress_bar(n, desc, self.unit)
+        t0 = time.time()
+        index, on_device, values = [], [], []
+        with rt.autocast():
+            for batch in loader:
+                index.append(batch["index"].numpy())  # still on the CPU: no sync
+                batch = to_device(batch, rt.device)
+                if is_compiled:
+                    mark_dynamic(batch)
+                    mark_step()
+                # a copy: a CUDA graph reuses its output memory at the next replay
+                on_device.append(fn(batch).float().clone())  # (B, ...)
+                if len(on_device) == self.group:
+                    values.append(torch.cat(on_device).cpu().numpy())  # one transfer per group
+                    on_device = []
+                bar.update(int((index[-1] >= 0).sum()))
+        if on_device:
+            values.append(torch.cat(on_device).cpu().numpy())
+        bar.close()
+        index = np.concatenate(index) if index else np.zeros(0, np.int64)
+        values = np.concatenate(values) if values else np.zeros(0, np.float32)
+        keep = index >= 0  # drop fill items here, on the CPU (a boolean index on the GPU would sync)
+        index, values = index[keep], values[keep]
+        if gather and rt.world > 1:
+            parts = [None] * rt.world
+            torch.distributed.all_gather_object(parts, (index, values))
+            index = np.concatenate([p[0] for p in parts])
+            values = np.concatenate([p[1] for p in parts])
+        out = np.full((n, *values.shape[1:]), np.nan, np.float32)
+        out[index] = values
         seconds = time.time() - t0
-        print(f"{desc}: {len(dataset):,} questions in {seconds:.1f} s "
-              f"({len(dataset) / max(seconds, 1e-9):,.0f} questions/s)", flush=True)
-    return vectors
+        if verbose and rt.master:
+            print(f"{desc}: {n:,} {self.unit}s in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} {self.unit}s/s)",
+                  flush=True)
+        if not np.isfinite(out).all():  # e.g. fp16 overflow: metrics on NaN would be meaningless
+            bad = int((~np.isfinite(out.reshape(n, -1))).any(1).sum())
+            raise UserError(f"{desc}: {bad} of {n:,} outputs are NaN or inf",
+                            "retry with --precision fp32 (or --device cpu) to rule out reduced precision")
+        return out

@@ -24,7 +24,6 @@ matrices, score histogram per class.
 """
 import os
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Literal
 
 import engine
@@ -32,7 +31,7 @@ import report
 from cli import UserError, arg, parse_config, run
 from data import PairDataset, fingerprint, open_data_dir, open_splits, pairs_from_file
 from model import load_model
-from text import checkpoint_tokenizer, write_rejects
+from text import checkpoint_tokenizer, file_stem, write_rejects
 
 
 @dataclass
@@ -46,6 +45,8 @@ class EvalConfig:
     num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", engine.COMPILE_HELP)
 
 
 def main(argv=None):
@@ -64,11 +65,11 @@ def evaluate(cfg):
     print(f"checkpoint {cfg.checkpoint}: step {ckpt.get('step')}, arch {model.cfg.arch}, "
           f"encoder {model.cfg.encoder_config.get('model_type')}, trained on {data['data_dir']}")
     out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)),
-                                          f"eval_csv_{report.file_stem(cfg.csv)}" if cfg.csv else f"eval_{cfg.split}")
+                                          f"eval_csv_{file_stem(cfg.csv)}" if cfg.csv else f"eval_{cfg.split}")
     datasets, validation, data_dir, extra = pick_datasets(cfg, ckpt, out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    scores_of = partial(engine.score_dataset, engine.probability(model), layout=model.cfg.arch, rt=rt,
-                        batch_size=cfg.batch_size, num_workers=cfg.num_workers, max_len=data["max_len"])
+    scores_of = engine.Inference(model.probability, model.cfg.arch, rt, cfg.batch_size, cfg.shapes, cfg.compile,
+                                 cfg.num_workers, max_len=data["max_len"])
     thresholds, results = report.report_datasets(scores_of, datasets, validation, {"argmax": 0.5}, out_dir)
     report.write_results(out_dir, {"script": "evaluate.py", "score": "probability", "config": asdict(cfg),
                                    "checkpoint": os.path.abspath(cfg.checkpoint), "step": ckpt.get("step"),
@@ -95,7 +96,7 @@ def pick_datasets(cfg, ckpt, out_dir):
           f"{' (see ' + os.path.join(out_dir, 'rejects.tsv') + ')' if rejects else ''}, "
           f"{len(dataset):,} pairs evaluated")
     extra = {"rows_read": rows_read, "rows_rejected": len(rejects)}
-    name = report.file_stem(cfg.csv)
+    name = file_stem(cfg.csv)
     if not cfg.data_dir and not os.path.exists(os.path.join(data_dir, "manifest.json")):
         # The training folder is gone (checkpoint copied elsewhere): report at 0.5 only.
         print(f"note: {data_dir} (the training data) is missing: no validation-tuned thresholds. "

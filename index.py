@@ -12,7 +12,7 @@ an index of the folder). Unusable rows are counted and listed in the folder's re
 
 The model is a siamese checkpoint of train.py (its encoder, pooling, tokenizer and max length), or
 with --encoder an untuned one with mean pooling. Questions go through the training batches' loader
-and device path (engine.embed), each distinct text once; the folder holds L2-normalized float16
+and device path (engine.Inference), each distinct text once; the folder holds L2-normalized float16
 vectors (memory-mapped by search.py), their norms, the texts and ids, and a manifest with the
 model's fingerprint (see retrieval.py). It is written in a temp folder and renamed at the end.
 
@@ -33,6 +33,8 @@ import engine
 import retrieval
 from cli import UserError, arg, parse_config, run
 from data import check_out_dir
+from model import describe_model, load_question_encoder
+from text import first_of_each
 
 
 @dataclass
@@ -49,6 +51,8 @@ class IndexConfig:
     num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", engine.COMPILE_HELP)
     seed: int = arg(0, "ANN training sample and calibration rows")
 
 
@@ -64,14 +68,14 @@ def build(cfg):
     check_config(cfg)
     t0 = time.time()
     existing = retrieval.read_index_manifest(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
-    qe = retrieval.load_question_encoder(cfg.checkpoint, cfg.encoder, cfg.max_len)
+    qe = load_question_encoder(cfg.checkpoint, cfg.encoder, cfg.max_len)
     questions = retrieval.read_questions(cfg.input)
     print(f"{cfg.input}: {questions.rows_read:,} rows, {len(questions.rejects):,} rejected, "
-          f"{len(questions.texts):,} distinct questions | model: {retrieval.describe_model(qe.record)}")
+          f"{len(questions.texts):,} distinct questions | model: {describe_model(qe.record)}")
     base = None
     if existing and not cfg.rebuild:
         if existing["model"]["fingerprint"] != qe.record["fingerprint"]:
-            raise UserError(f"{cfg.out_dir} was built with {retrieval.describe_model(existing['model'])}, "
+            raise UserError(f"{cfg.out_dir} was built with {describe_model(existing['model'])}, "
                             f"fingerprint {existing['model']['fingerprint']}; this model's is "
                             f"{qe.record['fingerprint']}: their vectors do not mix", "pass a new --out_dir, "
                             "or --rebuild to replace the index")
@@ -87,14 +91,15 @@ def build(cfg):
                             "pass --add to append them, --rebuild to replace the index, or a new --out_dir")
         base = retrieval.Index(cfg.out_dir)
         base_ids, base_texts = base.questions
-        questions = retrieval.first_of_each(questions, base_ids if questions.by_id else base_texts)
+        questions = first_of_each(questions, base_ids if questions.by_id else base_texts)
         print(f"--add: {len(questions.texts):,} questions are new, {questions.source['skipped']:,} already in "
               f"the index ({len(base):,} rows)")
 
     rt = engine.setup_runtime(cfg.device, cfg.precision)
     qe.to(rt.device)
-    vectors, norms = retrieval.unit(retrieval.embed_texts(qe, questions.texts, rt, cfg.batch_size, cfg.num_workers)
-                                    if questions.texts else np.zeros((0, base.manifest["dim"]), np.float32))
+    inference = retrieval.question_inference(qe, rt, cfg.batch_size, cfg.shapes, cfg.compile, cfg.num_workers)
+    vectors, norms = retrieval.unit(retrieval.embed_texts(qe, inference, questions.texts) if questions.texts
+                                    else np.zeros((0, base.manifest["dim"]), np.float32))
     ids, texts = questions.ids, questions.texts
     sources = []
     if base is not None:

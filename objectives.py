@@ -20,7 +20,7 @@
 --loss combines ce with the others ("ce+mnrl", "ce+contrastive", "ce+mnrl+contrastive",
 "ce+distill"), or is "distill" alone; each term after the first is weighted by --aux_weight. Every
 term is a sum over the batch's pairs (engine.train_step divides by the step's pairs), and fill
-pairs (label data.IGNORE_LABEL) add nothing. The in-batch negatives of mnrl are those of one
+pairs (label text.NO_LABEL) add nothing. The in-batch negatives of mnrl are those of one
 micro-batch on one process: --grad_accum_steps and DDP change them (ce and contrastive are exact
 under both).
 """

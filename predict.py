@@ -26,7 +26,7 @@ import engine
 from cli import UserError, arg, parse_config, run
 from data import InMemoryPairs, check_out_file, pairs_from_file
 from model import load_model
-from text import checkpoint_tokenizer, encode_pairs, write_rejects
+from text import NO_LABEL, checkpoint_tokenizer, encode_pairs, write_rejects
 
 
 @dataclass
@@ -43,6 +43,8 @@ class PredictConfig:
     num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", engine.COMPILE_HELP)
 
 
 def main(argv=None):
@@ -65,9 +67,9 @@ def predict(cfg):
     # Inputs are valid: now the device, its banner on stderr (stdout is for the answer).
     rt = engine.setup_runtime(cfg.device, cfg.precision, file=sys.stderr)
     model.to(rt.device)
-    probs = engine.score_dataset(engine.probability(model), dataset, model.cfg.arch, rt, cfg.batch_size,
-                                 cfg.num_workers, max_len=data["max_len"], desc="predicting",
-                                 verbose=bool(cfg.csv))
+    scorer = engine.Inference(model.probability, model.cfg.arch, rt, cfg.batch_size, cfg.shapes, cfg.compile,
+                              cfg.num_workers, max_len=data["max_len"])
+    probs = scorer(dataset, "predicting", verbose=bool(cfg.csv))
     if not cfg.csv:
         print(f"{probs[0]:.6f}")
         return
@@ -99,7 +101,7 @@ def one_pair(question1, question2, tok, data):
     """The two command-line questions as a one-pair dataset, tokenized like the training data."""
     if not question1.strip() or not question2.strip():
         raise UserError("a question is empty", "pass two non-empty questions in quotes")
-    tokens, offsets, triples = encode_pairs(tok, [question1], [question2], [-1], data["max_len"])
+    tokens, offsets, triples = encode_pairs(tok, [question1], [question2], [NO_LABEL], data["max_len"])
     return InMemoryPairs(tokens, offsets, triples, data["pad_token_id"]), None, [], 1
 
 

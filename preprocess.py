@@ -31,11 +31,10 @@ import numpy as np
 import splits
 import text
 from cli import UserError, arg, parse_config, run
-from data import (FORMAT_VERSION, SPLITS, check_out_dir, file_sha256, load_manifest,
-                  write_data_dir)
-from model import BUNDLED_MODEL
+from data import FORMAT_VERSION, SPLITS, check_out_dir, load_manifest, write_data_dir
+from hub import BUNDLED_MODEL, load_tokenizer
 
-LIBRARY = ("preprocess.py", "text.py", "splits.py", "data.py")  # the code the output depends on
+LIBRARY = ("preprocess.py", "text.py", "splits.py", "data.py", "hub.py")  # the code the output depends on
 
 
 @dataclass
@@ -64,8 +63,8 @@ def preprocess(cfg):
     t0 = time.time()
     check_config(cfg)
     check_out_dir(cfg.out_dir)
-    source_sha = file_sha256(cfg.input) if os.path.isfile(cfg.input) else None
-    tok = text.load_tokenizer(cfg.encoder)
+    source_sha = text.file_sha256(cfg.input) if os.path.isfile(cfg.input) else None
+    tok = load_tokenizer(cfg.encoder)
     key = cache_key(cfg, source_sha, text.vocab_hash(tok))
     reused = reuse(cfg, key)
     if reused:
@@ -158,7 +157,7 @@ def cache_key(cfg, source_sha, tok_hash):
     """Everything the output depends on; a folder whose manifest has the same key is reused."""
     options = {k: v for k, v in asdict(cfg).items() if k not in ("input", "out_dir", "force")}
     here = os.path.dirname(os.path.abspath(__file__))
-    code = "".join(file_sha256(os.path.join(here, name)) for name in LIBRARY)
+    code = "".join(text.file_sha256(os.path.join(here, name)) for name in LIBRARY)
     return {"format_version": FORMAT_VERSION, "source_sha256": source_sha,
             "code_sha256": hashlib.sha256(code.encode()).hexdigest()[:16],
             "vocab_hash": tok_hash, **options}

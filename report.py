@@ -139,10 +139,3 @@ def write_results(out_dir, results):
         json.dump(results, f, indent=1)
     print(f"wrote {path}, per-pair scores and plots in {out_dir}")
     return path
-
-
-def file_stem(path):
-    """'dir/pairs.csv.gz' -> 'pairs'."""
-    name = os.path.basename(path)
-    name = name[:-3] if name.endswith(".gz") else name
-    return os.path.splitext(name)[0]

@@ -42,6 +42,9 @@ import engine
 import retrieval
 from cli import UserError, arg, parse_config, run
 from data import check_out_file
+from measure import measure_speed
+from model import describe_model, load_question_encoder
+from search_eval import check_index_of_folder, eval_protocol, ranking_metrics
 from text import write_rejects
 
 
@@ -66,6 +69,8 @@ class SearchConfig:
     num_workers: int = arg(0, "DataLoader workers collating batches")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", engine.COMPILE_HELP)
 
 
 def main(argv=None):
@@ -79,7 +84,7 @@ def search(cfg):
     if cfg.ann:
         index.ann  # fail now, not after the queries are embedded, if it has none
     if cfg.eval:
-        retrieval.check_index_of_folder(index, cfg.eval)
+        check_index_of_folder(index, cfg.eval)
     elif not cfg.speed:
         check_k(cfg.k, len(index))
     qe = None if cfg.speed or cfg.bm25 and not cfg.rerank else load_index_model(cfg, index)
@@ -150,17 +155,17 @@ def load_index_model(cfg, index):
         path = cfg.checkpoint or rec["checkpoint"]
         if not os.path.isfile(path):
             raise UserError(f"the index's checkpoint {path} is missing", "pass --checkpoint where it is now")
-        qe = retrieval.load_question_encoder(checkpoint=path)
+        qe = load_question_encoder(checkpoint=path)
     else:
-        qe = retrieval.load_question_encoder(encoder=rec["encoder"], max_len=rec["max_len"])
+        qe = load_question_encoder(encoder=rec["encoder"], max_len=rec["max_len"])
     if qe.record["fingerprint"] != rec["fingerprint"]:
-        raise UserError(f"{cfg.index} was built with {retrieval.describe_model(rec)} (fingerprint "
-                        f"{rec['fingerprint']}), but {retrieval.describe_model(qe.record)} has fingerprint "
+        raise UserError(f"{cfg.index} was built with {describe_model(rec)} (fingerprint "
+                        f"{rec['fingerprint']}), but {describe_model(qe.record)} has fingerprint "
                         f"{qe.record['fingerprint']}: another model, or the checkpoint changed since",
                         retrieval.rebuild_fix({**index.manifest, "model": qe.record}, cfg.index))
     if cfg.rerank and qe.classifier is None:
         raise UserError(f"--rerank needs a checkpoint's pair classifier; {cfg.index} was built with "
-                        f"{retrieval.describe_model(rec)}", "index with a siamese checkpoint: python "
+                        f"{describe_model(rec)}", "index with a siamese checkpoint: python "
                         "index.py out/ckpt.pt INPUT --out_dir NEW_INDEX")
     return qe
 
@@ -169,8 +174,10 @@ def retrieve(cfg, index, qe, texts, rt, exclude):
     """Top --k rows of the index for each query text, without its excluded rows (exclude (Q, E)):
     (scores, rows, probabilities or None, ANN recall@k vs exact or None)."""
     depth = min(max(cfg.k, cfg.rerank_depth) if cfg.rerank else cfg.k, len(index))
-    pooled = None if qe is None else retrieval.embed_texts(qe, texts, rt, cfg.batch_size, cfg.num_workers,
-                                                           "embedding queries", verbose=len(texts) > 1)
+    pooled = None
+    if qe is not None:
+        inference = retrieval.question_inference(qe, rt, cfg.batch_size, cfg.shapes, cfg.compile, cfg.num_workers)
+        pooled = retrieval.embed_texts(qe, inference, texts, "embedding queries", verbose=len(texts) > 1)
     queries = None if pooled is None else retrieval.unit(pooled)[0]
     exact = None if cfg.bm25 else partial(retrieval.exact_search, index.matrix(rt.device))
     if cfg.bm25:
@@ -221,7 +228,7 @@ def write_answers(path, queries, query_ids, scores, rows, probs, ids, texts, sco
 def system_label(cfg, index):
     """The system's name in the results table."""
     label = "BM25 (bm25s, lexical)" if cfg.bm25 else \
-        f"{retrieval.describe_model(index.manifest['model'])}, {'ANN (faiss IVF)' if cfg.ann else 'exact cosine'}"
+        f"{describe_model(index.manifest['model'])}, {'ANN (faiss IVF)' if cfg.ann else 'exact cosine'}"
     return label + (f" + classifier rerank of the top {cfg.rerank_depth}" if cfg.rerank else "")
 
 
@@ -233,12 +240,12 @@ def results_dir(cfg):
 
 def evaluate(cfg, index, qe, rt):
     """The retrieval benchmark of the data folder --eval, on an index of exactly that folder."""
-    queries, relevant, outside = retrieval.eval_protocol(cfg.eval, len(index))
+    queries, relevant, outside = eval_protocol(cfg.eval, len(index))
     check_k(cfg.k, len(index) - len(outside) - 1)
     ids, texts = index.questions
     exclude = np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
     scores, rows, probs, ann_recall = retrieve(cfg, index, qe, [texts[q] for q in queries.tolist()], rt, exclude)
-    metrics, per_query = retrieval.ranking_metrics(rows, relevant)
+    metrics, per_query = ranking_metrics(rows, relevant)
     label = system_label(cfg, index)
     out_dir = cfg.out_dir or results_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
@@ -277,7 +284,7 @@ def speed(cfg, index, rt):
     built = None  # the index's own ANN; measure_speed builds one if it has none
     if index.manifest.get("ann") is not None:
         built = index.ann, {**index.manifest["ann"], "nprobe": cfg.nprobe or index.manifest["ann"]["nprobe"]}
-    result = retrieval.measure_speed(index.vectors, np.asarray(index.vectors[rows], np.float32), rt, k=cfg.k,
+    result = measure_speed(index.vectors, np.asarray(index.vectors[rows], np.float32), rt, k=cfg.k,
                                      exclude=rows[:, None], ann=built)
     out_dir = cfg.out_dir or results_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)

@@ -45,6 +45,8 @@ class TeachConfig:
     num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", engine.COMPILE_HELP)
     seed: int = arg(0, "which mined pairs are kept")
 
 
@@ -65,13 +67,14 @@ def teach(cfg):
         from retrieval import data_folder_questions
         texts = data_folder_questions(cfg.data_dir).texts
     mined = distill.mine_pairs(train, cfg.mine_by, cfg.k, n_mine, cfg.seed, rt, cfg.encoder, cfg.batch_size,
-                               texts) if n_mine else np.zeros((0, 3), np.int64)
+                               texts, cfg.shapes, cfg.compile) if n_mine else np.zeros((0, 3), np.int64)
     print(f"mined {len(mined):,} pairs among {len(distill.training_questions(train.pairs)):,} training "
           f"questions ({cfg.mine_by}, {cfg.k} neighbours each){'' if len(mined) == n_mine else f'; asked {n_mine:,}'}")
     pairs = np.concatenate([np.asarray(train.pairs, dtype=np.int64), mined])  # (M, 3)
 
     # --- the teacher's probabilities
-    probs, teachers = distill.teacher_probabilities(cfg.teacher, train, pairs, rt, cfg.batch_size, cfg.num_workers)
+    probs, teachers = distill.teacher_probabilities(cfg.teacher, train, pairs, rt, cfg.batch_size, cfg.num_workers,
+                                                    cfg.shapes, cfg.compile)
     n = len(train)
     agree = float(((probs[:n] >= 0.5) == (train.labels == 1)).mean())
     v = teachers["validation"]

@@ -4,8 +4,11 @@ contract between a data folder and a model.
 - read_pairs: Kaggle's train.csv, Quora's .tsv, GLUE's QQP .tsv, or any CSV/TSV (plain or gzipped)
   with two question columns (and a 0/1 label where needed). Bad files are a one-line UserError
   naming the file and line; unusable rows come back as rejects (row, line, reason), never dropped.
-- load_tokenizer / vocab_hash / check_vocab: a data folder records the hash of the vocabulary it
-  was tokenized with; a model may only read data made with its own vocabulary.
+- vocab_hash / check_vocab / checkpoint_tokenizer: a data folder records the hash of the vocabulary
+  it was tokenized with; a model may only read data made with its own vocabulary (tokenizers are
+  loaded by hub.load_tokenizer).
+- read_question_file: questions alone (an index's inputs, search queries): a CSV/TSV with a
+  question column, a .txt with one a line, or a pairs file's distinct questions; the same reader.
 - tokenize / encode_pairs: each distinct text once, in large Rust batches, into flat arrays.
 """
 import csv
@@ -14,6 +17,7 @@ import hashlib
 import json
 import os
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,11 +29,12 @@ QUESTION2_COLUMNS = ("question2", "sentence2", "q2", "text2", "text_b")
 LABEL_COLUMNS = ("is_duplicate", "label", "duplicate", "is_paraphrase")
 QID1_COLUMNS, QID2_COLUMNS = ("qid1",), ("qid2",)
 ID_COLUMNS = ("id", "test_id", "pair_id")
-UNKNOWN_LABEL = -1  # a pair read without a label (prediction inputs)
-
+# The one "no label" value: a pair read without one (prediction inputs), a mined pair, a batch's
+# fill pair. Cross-entropy ignores it (model.pair_loss), mnrl never takes such a pair as a negative.
+NO_LABEL = -1
 # Questions are truncated to --max_len tokens anyway; a field may be as long as it likes (csv's
 # default limit of 131,072 characters would abort the whole file on one long question).
-csv.field_size_limit(2 ** 31 - 1)
+MAX_FIELD_CHARS = 2 ** 31 - 1
 
 
 # ----------------------------------------------------------------------------- reading
@@ -60,6 +65,31 @@ def open_lines(path):
                         "it)") from None
 
 
+def csv_reader(lines, delimiter):
+    """The one CSV/TSV row reader: TSVs (GLUE, Quora's release) are unquoted, so a leading '"' is
+    part of the question text; fields of any length. Sets the csv module's field limit when a file
+    is read, not at import."""
+    if csv.field_size_limit() < MAX_FIELD_CHARS:
+        csv.field_size_limit(MAX_FIELD_CHARS)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    return csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=False)
+
+
+def sniff_delimiter(path, first_line):
+    """Tab for a .tsv name or a header with more tabs than commas, else comma."""
+    tsv = ".tsv" in os.path.basename(path).lower() or first_line.count("\t") > first_line.count(",")
+    return "\t" if tsv else ","
+
+
+def read_header(path, lines, fix):
+    """(delimiter, header fields) of a table's first line; an empty file is a UserError."""
+    first = next(lines, "")
+    if not first.strip():
+        raise UserError(f"{path}: the file is empty", fix)
+    delimiter = sniff_delimiter(path, first)
+    return delimiter, next(csv_reader([first], delimiter))
+
+
 def find_column(header, names, path, what):
     """Index of the first of `names` in the header; None if absent and optional (what=None)."""
     lowered = [h.strip().lower() for h in header]
@@ -77,23 +107,14 @@ def read_pairs(path, require_label=True):
     """Read and validate a pairs file.
 
     Returns (pairs, rejects, rows_read): pairs is a dict of lists q1, q2, qid1, qid2 (None when the
-    file has no qids), label (None when the file has no label column; UNKNOWN_LABEL for an empty
+    file has no qids), label (None when the file has no label column; NO_LABEL for an empty
     label when not required), row (1-based data row number), id (the file's pair id column, None
     when absent); rejects is a list of (row, line, reason) for rows that cannot be used. Without
     require_label a label column is not read at all (a prediction needs none).
     """
-    name = os.path.basename(path)
-    delimiter = "\t" if ".tsv" in name.lower() else None
     lines = open_lines(path)
-    first = next(lines, "")
-    if not first.strip():
-        raise UserError(f"{path}: the file is empty", "pass Kaggle's train.csv, which starts with "
-                        "the header id,qid1,qid2,question1,question2,is_duplicate")
-    if delimiter is None:
-        delimiter = "\t" if first.count("\t") > first.count(",") else ","
-    # TSVs (GLUE, Quora's release) are unquoted: a leading '"' is part of the question text.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    header = next(csv.reader([first], delimiter=delimiter, quoting=quoting))
+    delimiter, header = read_header(path, lines, "pass Kaggle's train.csv, which starts with the header "
+                                    "id,qid1,qid2,question1,question2,is_duplicate")
     c1 = find_column(header, QUESTION1_COLUMNS, path, "question1")
     c2 = find_column(header, QUESTION2_COLUMNS, path, "question2")
     cl = find_column(header, LABEL_COLUMNS, path, "0/1 label") if require_label else None
@@ -107,7 +128,7 @@ def read_pairs(path, require_label=True):
              "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": [],
              "id": [] if cid is not None else None}
     rejects = []
-    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=False)
+    reader = csv_reader(lines, delimiter)
     row_no, line = 0, 2  # line: the file line where the current row starts (header is line 1)
     while True:
         try:
@@ -159,6 +180,14 @@ def read_pairs(path, require_label=True):
     return pairs, rejects, row_no
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_rejects(path, rejects):
     """rejects.tsv: one line per unusable row, with its row number, file line and reason."""
     with open(path, "w", encoding="utf-8") as f:
@@ -167,19 +196,128 @@ def write_rejects(path, rejects):
             f.write(f"{row}\t{line}\t{reason}\n")
 
 
+# ----------------------------------------------------------------------------- question files
+
+QUESTION_COLUMNS = ("question", "text", "question_text", "title", "sentence", "query")
+
+
+QUESTION_ID_COLUMNS = ("qid", "id", "question_id")
+
+
+@dataclass
+class Questions:
+    """The usable questions of one input, in file order. ids: the file's question ids where it has
+    them (by_id), else where each question was found (file:line). An index keeps one row per
+    distinct id (by_id) or distinct text."""
+    texts: list
+    ids: list
+    by_id: bool
+    rejects: list       # (row, line, reason)
+    rows_read: int
+    source: dict        # path, kind and a content hash: what an index records about its inputs
+
+
+def read_question_file(path, distinct=True):
+    """The usable questions of a file: a .txt (one a line), a CSV/TSV with a question column, or a
+    pairs file (its distinct questions). distinct=False keeps every usable row of a question file
+    (queries: one result block per row)."""
+    if os.path.basename(path).lower().endswith((".txt", ".txt.gz")):
+        qs = text_file_questions(path)
+    else:
+        qs = table_questions(path)
+    return first_of_each(qs) if distinct else qs
+
+
+def text_file_questions(path):
+    texts, ids, rejects, line_no = [], [], [], 0
+    for line_no, line in enumerate(open_lines(path), 1):
+        if line.strip():
+            texts.append(line.strip())
+            ids.append(f"{file_stem(path)}:{line_no}")
+        else:
+            rejects.append((line_no, line_no, "empty line"))
+    if not texts:
+        raise UserError(f"{path}: {'no lines' if not line_no else 'every line is empty'}",
+                        "pass a .txt with one question a line")
+    return Questions(texts, ids, False, rejects, line_no, source_record(path, "text file"))
+
+
+def table_questions(path):
+    """A CSV/TSV with a question column (and maybe an id column); a pairs file (question1 and
+    question2 columns) gives its distinct questions."""
+    lines = open_lines(path)
+    delimiter, header = read_header(path, lines, "pass a CSV/TSV with a question column, or a .txt with one "
+                                    "question a line")
+    if find_column(header, QUESTION1_COLUMNS, path, None) is not None:
+        return pair_file_questions(path)
+    col = find_column(header, QUESTION_COLUMNS, path, None)
+    if col is None:
+        raise UserError(f"{path}: no question column (looked for {', '.join(QUESTION_COLUMNS)}, and for "
+                        f"question1/question2 of a pairs file; found {', '.join(header)})",
+                        "name the column 'question', or pass a .txt with one question a line")
+    id_col = find_column(header, QUESTION_ID_COLUMNS, path, None)
+    texts, ids, rejects, row_no, start = [], [], [], 0, 2
+    reader = csv_reader(lines, delimiter)
+    try:
+        for row_no, fields in enumerate(reader, 1):
+            if len(fields) != len(header):
+                rejects.append((row_no, start, "blank line" if not fields else
+                                f"malformed: {len(fields)} fields, header has {len(header)}"))
+            elif not fields[col].strip():
+                rejects.append((row_no, start, "empty question"))
+            elif id_col is not None and not fields[id_col].strip():
+                rejects.append((row_no, start, "empty id"))
+            else:
+                texts.append(fields[col].strip())
+                ids.append(fields[id_col].strip() if id_col is not None else f"{file_stem(path)}:{start}")
+            start = reader.line_num + 2  # the file line where the next row starts (header is line 1)
+    except csv.Error as e:
+        raise UserError(f"{path}: cannot parse the row starting at line {start} ({e})",
+                        "check the quoting on that line") from None
+    if not texts:
+        raise UserError(f"{path}: none of its {row_no} rows is usable" + (
+            f" (first: row {rejects[0][0]}, {rejects[0][2]})" if rejects else ""), "check the question column")
+    return Questions(texts, ids, id_col is not None, rejects, row_no, source_record(path, "question file"))
+
+
+def pair_file_questions(path, require_label=False):
+    """The distinct questions of a pairs file in text.index_questions' order (a data folder's)."""
+    pairs, rejects, rows_read = read_pairs(path, require_label=require_label)
+    q1, q2, texts, _ = index_questions(pairs)
+    by_id = pairs["qid1"] is not None
+    ids = [None] * len(texts)
+    for col, qids, which in ((q1, pairs["qid1"], "q1"), (q2, pairs["qid2"], "q2")):
+        for i, j in enumerate(col.tolist()):
+            if ids[j] is None:  # the first place it occurs, in index_questions' order
+                ids[j] = qids[i] if by_id else f"{file_stem(path)}:{pairs['row'][i]}:{which}"
+    return Questions(texts, ids, by_id, rejects, rows_read, source_record(path, "pairs file"))
+
+
+def source_record(path, kind):
+    return {"path": os.path.abspath(path), "kind": kind, "content": file_sha256(path)[:16]}
+
+
+def first_of_each(qs, known=()):
+    """The questions whose key (id, or text for files without ids) is neither in `known` nor
+    earlier in the file; the others are counted in qs.source["skipped"]."""
+    seen, keep = set(known), []
+    for i, key in enumerate(qs.ids if qs.by_id else qs.texts):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    skipped = len(qs.texts) - len(keep)
+    return Questions([qs.texts[i] for i in keep], [qs.ids[i] for i in keep], qs.by_id, qs.rejects,
+                     qs.rows_read, {**qs.source, "skipped": qs.source.get("skipped", 0) + skipped})
+
+
+def file_stem(path):
+    """'dir/pairs.csv.gz' -> 'pairs'."""
+    name = os.path.basename(path)
+    name = name[:-3] if name.endswith(".gz") else name
+    return os.path.splitext(name)[0]
+
+
 # ----------------------------------------------------------------------------- the vocabulary
-
-def load_tokenizer(name):
-    """A fast (Rust) tokenizer for a model name or folder; a UserError when it cannot be had."""
-    from transformers import AutoTokenizer
-
-    from model import from_local_or_hub  # the one place that knows the bundled model and the hub
-    tok = from_local_or_hub(lambda path, **kw: AutoTokenizer.from_pretrained(path, use_fast=True, **kw),
-                            name, "tokenizer files")
-    if not tok.is_fast:
-        raise UserError(f"'{name}' has no fast (Rust) tokenizer", "use a model with a tokenizer.json")
-    return tok
-
 
 def vocab_hash(tok):
     """16 hex digits identifying a tokenizer's vocabulary (token -> id)."""
@@ -245,6 +383,7 @@ def checkpoint_tokenizer(ckpt_path, data):
     else the one named in the checkpoint's data record. Its vocabulary must be the training data's."""
     hf_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "hf")
     name = hf_dir if os.path.isfile(os.path.join(hf_dir, "tokenizer_config.json")) else data["tokenizer"]
+    from hub import load_tokenizer
     tok = load_tokenizer(name)
     if vocab_hash(tok) != data["vocab_hash"]:
         raise UserError(f"the tokenizer '{name}' differs from the one {ckpt_path} was trained with",

@@ -46,12 +46,12 @@ import distill
 import engine
 import objectives
 from cli import UserError, arg, given_flags, parse_config, run
-from data import PairDataset, file_sha256, fingerprint, make_loader, shapes_of, to_device
+from data import PairDataset, fingerprint, make_loader, shapes_of, to_device
 from metrics import compute_metrics, format_report
-from model import (SAVED_BEFORE, ModelConfig, build_model, export_hf, load_checkpoint,
-                   model_from_checkpoint, save_checkpoint)
+from model import SAVED_BEFORE, ModelConfig, build_model, export_hf, load_checkpoint, save_checkpoint
 from objectives import Objective
-from text import check_vocab, load_tokenizer, vocab_hash
+from hub import load_tokenizer
+from text import check_vocab, file_sha256, vocab_hash
 
 RUN_FILES = ("ckpt.pt", "last.pt", "metrics.jsonl", "test_results.json", "hf")
 LOWER_IS_BETTER = ("log_loss",)
@@ -116,10 +116,8 @@ class TrainConfig:
     # hardware
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
-    compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = arg(
-        "auto", "torch.compile; auto: CUDA graphs (reduce-overhead) on one GPU, default under DDP, off on CPU")
-    shapes: Literal["auto", "exact", "packed"] = arg(
-        "auto", "batches; auto: packed on CUDA (a few fixed shapes), exact on CPU (least padding)")
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", engine.COMPILE_HELP)
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
     num_workers: int = arg(2, "DataLoader worker processes (0: collate in the training process)")
 
 
@@ -154,12 +152,10 @@ def train(cfg, given=()):
     tokenizer = load_tokenizer(cfg.encoder)
     check_vocab(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
     packed = engine.batch_layout(rt, cfg.shapes)
-    loader_args = dict(num_replicas=rt.world, rank=rt.rank, num_workers=cfg.num_workers, pin_memory=rt.cuda,
-                       packed=packed)
     objective = Objective(**{f.name: getattr(cfg, f.name) for f in fields(Objective)})
     train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                        question_keys="mnrl" in objective.terms, **loader_args)
-    val_loader, _ = make_loader(val_ds, cfg.arch, 2 * cfg.batch_size, shuffle=False, **loader_args)
+                                        question_keys="mnrl" in objective.terms, num_replicas=rt.world,
+                                        rank=rt.rank, num_workers=cfg.num_workers, pin_memory=rt.cuda, packed=packed)
 
     # --- model, optimizer, schedule; restored from last.pt on --resume
     raw_model = build_model(ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)
@@ -174,6 +170,11 @@ def train(cfg, given=()):
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     scheduler = engine.build_scheduler(optimizer, total_steps, cfg.warmup_ratio)
     scaler = engine.build_scaler(rt)
+    # Validation and the test pass: the one inference road, in the training layout, compiled as
+    # training is (its own graphs: no gradients, no dropout).
+    inference = engine.Inference(raw_model.probability, cfg.arch, rt, 2 * cfg.batch_size, cfg.shapes, cfg.compile,
+                                 cfg.num_workers, max_len=manifest["max_len"])
+    val_loader = inference.loader(val_ds, num_replicas=rt.world, rank=rt.rank)
     progress = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "bad_evals": 0}
     if state is not None:
         raw_model.load_state_dict(state["model"])
@@ -185,7 +186,7 @@ def train(cfg, given=()):
     say(summary(cfg, rt, raw_model, manifest, len(train_ds), len(val_ds), steps_per_epoch, total_steps,
                 compile_mode, packed))
 
-    ctx = Run(cfg, rt, raw_model, data_info, tokenizer, progress, steps_per_epoch, say)
+    ctx = Run(cfg, rt, raw_model, inference, data_info, tokenizer, progress, steps_per_epoch, say)
 
     def save_last():  # the full state, for --resume
         save_run(ctx, "last.pt", optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -244,7 +245,7 @@ def train(cfg, given=()):
         torch.distributed.barrier()
     test_metrics = None
     if not stop.signals and rt.master:
-        test_metrics = test_best(ctx, loader_args)
+        test_metrics = test_best(ctx)
     if rt.world > 1:
         torch.distributed.destroy_process_group()
     return test_metrics
@@ -256,6 +257,7 @@ class Run:
     cfg: TrainConfig
     rt: engine.Runtime
     raw_model: torch.nn.Module       # unwrapped and uncompiled: what checkpoints hold
+    inference: engine.Inference      # scores raw_model's probability (validation, test)
     data_info: dict                  # the data record every checkpoint carries
     tokenizer: object
     progress: dict                   # step, epoch, batches_done, best, bad_evals
@@ -420,12 +422,10 @@ def eta(seconds):
 def validate(ctx, val_loader, val_ds):
     """Validation metrics into metrics.jsonl; ckpt.pt and hf/ follow the best so far.
     Returns True when early stopping says stop (the same answer on every process: all of them
-    score the gathered predictions). Scored by the uncompiled model: compiling its inference
-    graph too would cost more than the few seconds of validation it saves."""
+    score the gathered predictions)."""
     cfg, progress = ctx.cfg, ctx.progress
     ctx.raw_model.eval()
-    probs = engine.score(engine.probability(ctx.raw_model), val_loader, len(val_ds), ctx.rt, desc="validation",
-                         gather=True, verbose=False)
+    probs = ctx.inference.run(val_loader, len(val_ds), "validation", gather=True, verbose=False)
     m = compute_metrics(val_ds.labels, probs)
     value, best = m[cfg.metric_for_best], progress["best"]
     improved = best is None or (value < best if cfg.metric_for_best in LOWER_IS_BETTER else value > best)
@@ -474,16 +474,17 @@ def trim_metrics(path, step, say):
         f.writelines(keep)
 
 
-def test_best(ctx, loader_args):
-    """The best checkpoint on the test split, in the notebook's format; test_results.json."""
+def test_best(ctx):
+    """The best checkpoint on the test split, in the notebook's format; test_results.json. Its
+    weights are copied into the model in place, so the compiled scorer (and its CUDA graphs, which
+    hold the weights' addresses) serve the test pass too."""
     cfg = ctx.cfg
     test_ds = PairDataset(cfg.data_dir, "test")
     if len(test_ds) == 0:
         return None
-    best = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))).to(ctx.rt.device).eval()
-    loader, _ = make_loader(test_ds, cfg.arch, 2 * cfg.batch_size, shuffle=False,
-                            **{**loader_args, "num_replicas": 1, "rank": 0})
-    probs = engine.score(engine.probability(best), loader, len(test_ds), ctx.rt, desc="test", verbose=False)
+    ctx.raw_model.load_state_dict(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))["model"])
+    ctx.raw_model.eval()
+    probs = ctx.inference(test_ds, "test", verbose=False)
     test_metrics = compute_metrics(test_ds.labels, probs)
     ctx.say(format_report(test_metrics, f"Evaluating the best checkpoint ({cfg.out_dir}/ckpt.pt) on the test split"))
     with open(os.path.join(cfg.out_dir, "test_results.json"), "w") as f:

@@ -81,7 +81,7 @@ def save_tiny_encoder(path, hf_config):
     """A tiny random encoder saved like a real HF model folder, with the bundled tokenizer."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     import torch
-    from model import BUNDLED_MODEL, resolve_model
+    from hub import BUNDLED_MODEL, resolve_model
     torch.manual_seed(0)
     AutoModel.from_config(AutoConfig.for_model(**hf_config)).save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model(BUNDLED_MODEL)).save_pretrained(path)

@@ -200,9 +200,10 @@ def test_exported_hf_folder_loads_in_sentence_transformers_with_its_pooling(tmp_
     model, _ = load_model(os.path.join(out, "ckpt.pt"))
     texts = ["How do I learn chess?", "What is the best way to learn python quickly?"]
     theirs = st.SentenceTransformer(hf, device="cpu").encode(texts, convert_to_tensor=True)
-    tok = __import__("text").load_tokenizer(hf)
+    tok = __import__("hub").load_tokenizer(hf)
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ours = model.encode(enc["input_ids"], enc["attention_mask"])
+        ours = model.vectors({"seq_ids": [enc["input_ids"]], "seq_mask": [enc["attention_mask"]],
+                              "seq_order": torch.arange(len(texts))}, len(texts))
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     shutil.rmtree(out)

@@ -19,9 +19,10 @@ import preprocess
 import text
 from cli import UserError
 from conftest import REAL_8K, needs_real_data, synthetic_rows, write_csv
-from data import (FORMAT_VERSION, IGNORE_LABEL, SPLITS, BucketBatchSampler, Collator, InMemoryPairs,
+from data import (FORMAT_VERSION, SPLITS, BucketBatchSampler, Collator, InMemoryPairs,
                   PairDataset, best_cuts, load_manifest, make_loader, pack, padding_stats, shapes_of)
-from text import check_vocab
+from hub import load_tokenizer
+from text import NO_LABEL, check_vocab
 
 BS = 8
 PAD, CLS, SEP = 3, 101, 102  # a pad id other than 0, so padding by zeros would show
@@ -87,7 +88,7 @@ def real_prep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-    return text.load_tokenizer(preprocess.PreprocessConfig.encoder)
+    return load_tokenizer(preprocess.PreprocessConfig.encoder)
 
 
 # ----------------------------------------------------------------------------- BucketBatchSampler
@@ -188,40 +189,55 @@ def test_best_cuts_is_optimal(max_chunks):
 
 # ----------------------------------------------------------------------------- Collator
 
+def exact_sequences(batch):
+    """[(tokens, segment ids or None)] of an exact batch's sequences in sequence order, read back
+    from its padded groups through seq_order; checks each row's mask and padding on the way."""
+    rows = []
+    types = batch.get("seq_types") or [None] * len(batch["seq_ids"])
+    for ids, mask, tt in zip(batch["seq_ids"], batch["seq_mask"], types):
+        assert mask[:, -1].any()  # each group padded only to its own longest
+        for r in range(len(ids)):
+            n = int(mask[r].sum())
+            assert mask[r].tolist() == [1] * n + [0] * (ids.shape[1] - n) and (ids[r, n:] == PAD).all()
+            rows.append((ids[r, :n].tolist(), None if tt is None else tt[r, :n].tolist()))
+    order = batch["seq_order"].tolist()
+    assert sorted(order) == list(range(len(rows)))
+    return [rows[r] for r in order]
+
+
 @pytest.mark.parametrize("max_chunks", [1, 2, 3])
-def test_siamese_positions_recover_each_question(max_chunks):
-    """Row q1_pos[i] (q2_pos[i]) of the chunks stacked in order holds exactly pair i's q1 (q2)
-    tokens, the mask marks them, the rest is pad_id; each chunk is padded only to its own max."""
+def test_siamese_sequences_are_the_q1s_then_the_q2s(max_chunks):
+    """Read back through seq_order, the padded groups hold exactly the batch's q1s, then its q2s;
+    the mask marks them, the rest is pad_id; each group is padded only to its own longest."""
     items = make_items()
     batch = Collator("siamese", PAD, chunks=max_chunks)(items)
-    ids, masks = batch["q_ids"], batch["q_mask"]
-    assert 1 <= len(ids) <= max_chunks and (max_chunks > 1 or len(ids) == 1)
-    assert all(m[:, -1].any() for m in masks)  # no all-padding column
-    rows = [(i, m) for t, mt in zip(ids, masks) for i, m in zip(t, mt)]  # rows of cat(chunks)
-    positions = torch.cat([batch["q1_pos"], batch["q2_pos"]])
-    assert sorted(positions.tolist()) == list(range(2 * len(items)))
-    for i, q1, q2, _ in items:
-        for q, pos in ((q1, batch["q1_pos"][i]), (q2, batch["q2_pos"][i])):
-            row, mask = rows[pos]
-            n = len(q)
-            assert row[:n].tolist() == q.tolist() and (row[n:] == PAD).all()
-            assert mask.tolist() == [1] * n + [0] * (len(row) - n)
+    assert 1 <= len(batch["seq_ids"]) <= max_chunks and (max_chunks > 1 or len(batch["seq_ids"]) == 1)
+    seqs = [s for s, _ in exact_sequences(batch)]
+    assert seqs == [q1.tolist() for _, q1, _, _ in items] + [q2.tolist() for _, _, q2, _ in items]
     assert batch["index"].tolist() == [it[0] for it in items]
     assert batch["labels"].tolist() == [it[3] for it in items]
 
 
+def test_question_batches_hold_each_question_in_order():
+    """The questions layout: one sequence per item, in item order, exact and packed alike."""
+    items = [(i, q1) for i, q1, _, _ in make_items(9, seed=2)]
+    exact = Collator("questions", PAD)(items)
+    assert [s for s, _ in exact_sequences(exact)] == [q.tolist() for _, q in items]
+    packed = Collator("questions", PAD, batch_size=12, row_len=64)(items)
+    seqs = packed_sequences(packed)
+    assert packed["index"].tolist() == list(range(9)) + [-1] * 3
+    assert [seqs[s][0] for s in range(9)] == [q.tolist() for _, q in items]
+
+
 def test_cross_layout_joins_each_pair():
-    """input_ids = q1 + q2 without its [CLS], then pad_id; token types 0 on q1, 1 on q2, 0 on
-    padding; attention mask on the joined tokens only."""
+    """Each sequence = q1 + q2 without its [CLS]; token types 0 on q1, 1 on q2; attention mask on
+    the joined tokens only."""
     items = make_items()
     batch = Collator("cross", PAD)(items)
-    width = batch["input_ids"].shape[1]
-    assert width == max(len(q1) + len(q2) - 1 for _, q1, q2, _ in items)
-    for r, (_, q1, q2, _) in enumerate(items):
+    for (_, q1, q2, _), (ids, types) in zip(items, exact_sequences(batch)):
         n1, n = len(q1), len(q1) + len(q2) - 1
-        assert batch["input_ids"][r].tolist() == q1.tolist() + q2[1:].tolist() + [PAD] * (width - n)
-        assert batch["attention_mask"][r].tolist() == [1] * n + [0] * (width - n)
-        assert batch["token_type_ids"][r].tolist() == [0] * n1 + [1] * (n - n1) + [0] * (width - n)
+        assert ids == q1.tolist() + q2[1:].tolist()
+        assert types == [0] * n1 + [1] * (n - n1)
 
 
 @pytest.mark.parametrize("len1,len2,max_joined", [
@@ -234,7 +250,7 @@ def test_cross_truncation_keeps_final_tokens(len1, len2, max_joined):
     rng = np.random.default_rng(0)
     q1, q2 = question(rng, len1), question(rng, len2)
     batch = Collator("cross", PAD, max_joined_len=max_joined)([(0, q1, q2, 1)])
-    ids, types = batch["input_ids"][0].tolist(), batch["token_type_ids"][0].tolist()
+    ids, types = exact_sequences(batch)[0]
     assert len(ids) == min(max_joined, len1 + len2 - 1)
     n1 = types.count(0)
     parts = (ids[:n1], ids[n1:])
@@ -263,7 +279,7 @@ def packed_sequences(batch):
 @pytest.mark.parametrize("n", [9, 16])  # a short last batch, and a full one
 def test_packed_batches_hold_every_sequence_whole(layout, n):
     """Packed: always batch_size pairs (a short batch is filled with copies marked index -1 and
-    IGNORE_LABEL); every sequence sits whole and in order in one row, positions restart at 0,
+    NO_LABEL); every sequence sits whole and in order in one row, positions restart at 0,
     segment ids are the exact collation's; the row count is a multiple of 4; nothing else is in
     the rows but padding."""
     B, row_len = 16, 64
@@ -271,7 +287,7 @@ def test_packed_batches_hold_every_sequence_whole(layout, n):
     exact = Collator(layout, PAD, chunks=2)(items)
     packed = Collator(layout, PAD, batch_size=B, row_len=row_len)(items)
     assert packed["index"].tolist() == list(range(n)) + [-1] * (B - n)
-    assert packed["labels"].tolist() == [i % 2 for i in range(n)] + [IGNORE_LABEL] * (B - n)
+    assert packed["labels"].tolist() == [i % 2 for i in range(n)] + [NO_LABEL] * (B - n)
     rows, length = packed["packed_ids"].shape
     assert length == row_len and rows % 4 == 0
     seqs = packed_sequences(packed)
@@ -283,11 +299,8 @@ def test_packed_batches_hold_every_sequence_whole(layout, n):
             assert seqs[s][0] == q.tolist() and seqs[s][1] == list(range(len(q)))
     else:
         assert sorted(seqs) == list(range(B))
-        for i in range(n):
-            real = exact["attention_mask"][i].bool()
-            assert seqs[i][0] == exact["input_ids"][i][real].tolist()
-            assert seqs[i][2] == exact["token_type_ids"][i][real].tolist()
-            assert seqs[i][1] == list(range(int(real.sum())))
+        for i, (ids, types) in enumerate(exact_sequences(exact)):
+            assert seqs[i][0] == ids and seqs[i][2] == types and seqs[i][1] == list(range(len(ids)))
     real_tokens = sum(len(v[0]) for v in seqs.values())
     assert (packed["packed_seg"] >= 0).sum() == real_tokens
     assert (packed["packed_ids"][packed["packed_seg"] < 0] == PAD).all()

@@ -16,6 +16,7 @@ import train
 from data import Collator, InMemoryPairs, PairDataset
 from model import ModelConfig, build_model, load_model
 from objectives import Objective, batch_loss, distill_loss
+from text import NO_LABEL
 
 
 def test_distill_loss_by_hand():
@@ -52,7 +53,7 @@ def test_teacher_file_holds_the_teachers_probabilities_of_training_questions_onl
     n = len(train_ds)
     assert np.array_equal(pairs[:n], train_ds.pairs) and record["mined_pairs"] == len(pairs) - n == 150
     mined = pairs[n:]
-    assert (mined[:, 2] == distill.UNKNOWN).all()
+    assert (mined[:, 2] == NO_LABEL).all()
     # mined among the training questions only: no validation or test question takes part
     train_q = set(distill.training_questions(train_ds.pairs).tolist())
     held_out = {q for s in ("validation", "test") for q in PairDataset(data, s).pairs[:, :2].ravel().tolist()}
@@ -63,8 +64,8 @@ def test_teacher_file_holds_the_teachers_probabilities_of_training_questions_onl
     # the targets are the teacher's own probabilities of exactly these pairs, not labels
     model, _ = load_model(ckpt)
     rt = engine.setup_runtime("cpu", "fp32")
-    again = engine.score_dataset(engine.probability(model), InMemoryPairs(train_ds.tokens, train_ds.offsets, pairs, 0),
-                                 "siamese", rt, 64)
+    again = engine.Inference(model.probability, "siamese", rt, 64)(InMemoryPairs(train_ds.tokens, train_ds.offsets,
+                                                                                pairs, 0))
     np.testing.assert_allclose(probs, again, atol=1e-5)
     assert not np.array_equal(probs[:n] >= 0.5, train_ds.labels == 1)  # a 1-epoch tiny teacher errs: not the labels
     assert record["teachers"][0]["validation"]["accuracy"] > 0

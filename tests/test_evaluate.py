@@ -161,7 +161,7 @@ def test_raw_text_uses_the_tokenizer_saved_next_to_the_checkpoint(ckpt, tiny_ber
     data = torch.load(ckpt, weights_only=True)["data"]
     assert text.checkpoint_tokenizer(ckpt, data).name_or_path == data["tokenizer_path"]
     hf_dir = os.path.join(os.path.dirname(ckpt), "hf")  # where train.py saves it
-    text.load_tokenizer(tiny_bert_dir).save_pretrained(hf_dir)
+    __import__("hub").load_tokenizer(tiny_bert_dir).save_pretrained(hf_dir)
     assert text.checkpoint_tokenizer(ckpt, data).name_or_path == hf_dir
 
 

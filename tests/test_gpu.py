@@ -59,7 +59,7 @@ def test_compiled_bf16_step_matches_the_cpu_step(tiny_data):
     assert losses["gpu"] == pytest.approx(losses["cpu"], abs=2e-2)
 
     val = PairDataset(tiny_data, "validation")
-    scores = {name: engine.score_dataset(engine.probability(m.eval()), val, "siamese", r, 32, verbose=False)
+    scores = {name: engine.Inference(m.eval().probability, "siamese", r, 32)(val, verbose=False)
               for name, m, r in (("cpu", cpu_model, cpu), ("gpu", gpu_model, rt))}
     assert abs(scores["gpu"] - scores["cpu"]).max() < 2e-2
 

@@ -8,9 +8,10 @@ import torch
 
 import engine
 from conftest import TINY_BERT, TINY_DISTILBERT
-from data import IGNORE_LABEL, Collator, PairDataset
+from data import Collator, PairDataset
 from model import (ModelConfig, build_model, encode, load_checkpoint, model_from_checkpoint, pair_loss,
                    save_checkpoint, takes_token_types)
+from text import NO_LABEL
 
 CPU = engine.Runtime(device=torch.device("cpu"))
 
@@ -62,7 +63,7 @@ def test_cross_encoder_receives_segment_ids(tiny_data):
         model = build_model(ModelConfig(encoder_config=encoder, arch="cross")).eval()
         assert takes_token_types(model.encoder) is takes and model.uses_token_types is takes
         batch = first_batch(tiny_data, "cross", n=8)
-        flipped = {**batch, "token_type_ids": 1 - batch["token_type_ids"]}
+        flipped = {**batch, "seq_types": [1 - t for t in batch["seq_types"]]}
         with torch.no_grad():
             changed = not torch.allclose(model(batch), model(flipped))
         assert changed is takes
@@ -75,7 +76,7 @@ def test_4d_mask_gives_the_encoders_own_result(tiny_data, encoder):
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder_config=encoder)).eval()
     batch = first_batch(tiny_data, "siamese")
-    ids, mask = batch["q_ids"][-1], batch["q_mask"][-1]
+    ids, mask = batch["seq_ids"][-1], batch["seq_mask"][-1]
     assert not mask.all()  # some padding, or the test shows nothing
     with torch.no_grad():
         ours = encode(model.encoder, ids, mask, "mean")
@@ -88,7 +89,7 @@ def test_4d_mask_gives_the_encoders_own_result(tiny_data, encoder):
 def test_each_pair_is_scored_alone(tiny_data, arch):
     """The notebook's LogSoftmax(dim=0) normalized over the batch, so a pair's probability depended
     on its batch mates. Here a pair scored alone gets what it gets in any batch, and pair_loss is
-    the sum of the pairs' own losses, fill pairs (IGNORE_LABEL) adding nothing."""
+    the sum of the pairs' own losses, fill pairs (NO_LABEL) adding nothing."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder_config=TINY_BERT, arch=arch)).eval()
     ds = PairDataset(tiny_data, "train")
@@ -102,7 +103,7 @@ def test_each_pair_is_scored_alone(tiny_data, arch):
         one_by_one = sum(pair_loss(logits[i:i + 1], labels[i:i + 1]) for i in range(6))
         torch.testing.assert_close(pair_loss(logits, labels), one_by_one)
         ignored = labels.clone()
-        ignored[:2] = IGNORE_LABEL
+        ignored[:2] = NO_LABEL
         torch.testing.assert_close(pair_loss(logits, ignored), pair_loss(logits[2:], labels[2:]))
 
 
@@ -248,20 +249,26 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert resumed == pytest.approx(expected[20:], abs=1e-12)
 
 
-def test_score_puts_scores_back_in_dataset_order_and_drops_fill(tiny_data):
-    """engine.score over packed batches in random order (with fill pairs) returns, for every pair
-    of the split in split order, what the model gives that pair alone."""
-    from data import make_loader
+def test_inference_puts_outputs_back_in_dataset_order_and_drops_fill(tiny_data):
+    """engine.Inference over packed batches in random order (with fill pairs) returns, for every
+    pair of the split in split order, what the model gives that pair alone; question vectors too."""
+    from data import QuestionDataset
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder_config=TINY_BERT)).eval()
     ds = PairDataset(tiny_data, "validation")
-    loader, _ = make_loader(ds, "siamese", 16, shuffle=False, packed=True)
-    scores = engine.score(engine.probability(model), loader, len(ds), CPU, verbose=False)
+    scores = engine.Inference(model.probability, "siamese", CPU, 16, shapes="packed")(ds, verbose=False)
     collate = Collator("siamese", ds.manifest["pad_token_id"])
     with torch.no_grad():
         for i in (0, len(ds) // 2, len(ds) - 1):
             alone = model(collate([ds[i]])).softmax(-1)[0, 1].item()
             assert scores[i] == pytest.approx(alone, abs=1e-5)
+    questions = QuestionDataset(ds.tokens, ds.offsets, ds.manifest["pad_token_id"], 32)
+    vectors = engine.Inference(model.question_vectors, "questions", CPU, 16, shapes="packed")(questions, verbose=False)
+    assert vectors.shape == (len(questions), model.encoder.config.hidden_size)
+    with torch.no_grad():
+        for i in (0, len(questions) - 1):
+            alone = model.question_vectors(Collator("questions", ds.manifest["pad_token_id"])([questions[i]]))[0]
+            torch.testing.assert_close(torch.from_numpy(vectors[i]), alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,message", [("cuda", "no CUDA GPU here"), ("gpu7", "not a device"),

@@ -9,9 +9,10 @@ from conftest import TINY_BERT
 from test_model import first_batch, no_dropout
 
 import train
-from data import IGNORE_LABEL, Collator, PairDataset
+from data import Collator, PairDataset
 from model import ModelConfig, build_model, pair_loss
 from objectives import Objective, batch_loss, mnrl_loss, online_contrastive_loss
+from text import NO_LABEL
 
 
 def unit(*rows):
@@ -40,7 +41,7 @@ def test_mnrl_by_hand_and_its_masks():
     col0 = F.cross_entropy(sim.T[0:1], torch.tensor([0]))  # q1s: all distinct, all negatives
     got = mnrl_loss(u, v_same, torch.tensor([1, 0, 0]), same, scale)
     assert got.item() == pytest.approx(((row0 + col0) / 2).item(), rel=1e-6)
-    filled = mnrl_loss(u, v, torch.tensor([1, 1, IGNORE_LABEL]), keys, scale)
+    filled = mnrl_loss(u, v, torch.tensor([1, 1, NO_LABEL]), keys, scale)
     sim = scale * u[:2] @ v[:2].T
     expected = sum((F.cross_entropy(sim[i:i + 1], torch.tensor([i])) +
                     F.cross_entropy(sim.T[i:i + 1], torch.tensor([i]))) / 2 for i in (0, 1))
@@ -57,7 +58,7 @@ def test_online_contrastive_counts_only_hard_pairs():
     expected = 0.6 ** 2 + max(0.0, 0.5 - 0.4) ** 2
     assert online_contrastive_loss(u, v, labels, 0.5).item() == pytest.approx(expected, abs=1e-5)
     # fill pairs take part in neither role
-    labels_fill = torch.tensor([1, 1, IGNORE_LABEL, 0])
+    labels_fill = torch.tensor([1, 1, NO_LABEL, 0])
     assert online_contrastive_loss(u, v, labels_fill, 0.5).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -156,7 +157,7 @@ def test_packed_batches_give_the_exact_layouts_losses(tiny_data):
     pad = ds.manifest["pad_token_id"]
     exact = Collator("siamese", pad, question_keys=True)(items)
     packed = Collator("siamese", pad, batch_size=32, row_len=32, question_keys=True)(items)
-    assert (packed["labels"] == IGNORE_LABEL).sum() == 8
+    assert (packed["labels"] == NO_LABEL).sum() == 8
     for objective in (Objective(), Objective(loss="ce+mnrl+contrastive", both_orders=True)):
         with torch.no_grad():
             a, b = batch_loss(model, exact, objective), batch_loss(model, packed, objective)

@@ -26,6 +26,7 @@ import text
 from cli import UserError
 from conftest import REAL_8K, ROOT, needs_real_data, synthetic_rows, write_csv
 from data import FORMAT_VERSION, SPLITS
+from hub import load_tokenizer
 
 KAGGLE_HEADER = ("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
 SPLIT_PAIRS = list(itertools.combinations(SPLITS, 2))
@@ -122,7 +123,7 @@ def generic_csv(path, pairs):
 
 @pytest.fixture(scope="module")
 def tok():
-    return text.load_tokenizer(preprocess.PreprocessConfig.encoder)
+    return load_tokenizer(preprocess.PreprocessConfig.encoder)
 
 
 # ----------------------------------------------------------------------------- reading formats

@@ -13,6 +13,7 @@ from test_evaluate import make_checkpoint, run_bad
 import index
 import retrieval
 import search
+import search_eval
 from data import PairDataset
 
 
@@ -72,8 +73,8 @@ def test_one_query_prints_cosine_and_classifier_probability(folder, capsys):
 
 def test_exact_search_matches_brute_force_across_chunks():
     rng = np.random.default_rng(1)
-    x = retrieval.random_unit_vectors(1000, 16, rng)
-    q = retrieval.random_unit_vectors(37, 16, rng)
+    x, q = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (rng.standard_normal((1000, 16), np.float32),
+                                                                   rng.standard_normal((37, 16), np.float32)))
     scores, rows = retrieval.exact_search(torch.from_numpy(x), q, k=7, query_batch=10, chunk_rows=64)
     truth = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :7]
     assert np.array_equal(rows, truth)
@@ -122,7 +123,7 @@ def closure_answers(pairs):
 
 def test_eval_queries_are_test_questions_with_their_duplicates_never_themselves(folder, monkeypatch, capsys):
     n = len(retrieval.Index(folder["index"]))
-    queries, relevant, outside = retrieval.eval_protocol(folder["data"], n)
+    queries, relevant, outside = search_eval.eval_protocol(folder["data"], n)
     expected = closure_answers(PairDataset(folder["data"], "test").pairs)
     assert sorted(expected) == queries.tolist() and len(queries) > 10
     assert any(len(r) > 1 for r in relevant)  # the closure reaches past direct pairs
@@ -133,12 +134,12 @@ def test_eval_queries_are_test_questions_with_their_duplicates_never_themselves(
 
     # In the full run the query's own row (its cosine is 1) never comes back as an answer.
     seen = {}
-    real_metrics = retrieval.ranking_metrics
+    real_metrics = search_eval.ranking_metrics
 
     def spy(rows, relevant):
         seen["rows"] = rows
         return real_metrics(rows, relevant)
-    monkeypatch.setattr(retrieval, "ranking_metrics", spy)
+    monkeypatch.setattr(search, "ranking_metrics", spy)
     search.main([folder["index"], "--eval", folder["data"], "--out_dir", str(folder["tmp"] / "eval")])
     assert seen["rows"].shape == (len(queries), 10)
     assert not (seen["rows"] == queries[:, None]).any() and (seen["rows"] >= 0).all()
@@ -151,7 +152,7 @@ def test_eval_queries_are_test_questions_with_their_duplicates_never_themselves(
 def test_ranking_metrics_by_hand():
     rows = np.array([[5, 3, 9], [1, 2, 4], [-1, 7, 8]])
     relevant = [np.array([3]), np.array([4, 1]), np.array([6])]
-    means, per_query = retrieval.ranking_metrics(rows, relevant, ks=(1, 3))
+    means, per_query = search_eval.ranking_metrics(rows, relevant, ks=(1, 3))
     assert per_query["recall@1"].tolist() == [0, 0.5, 0] and per_query["recall@3"].tolist() == [1, 1, 0]
     assert per_query["mrr@3"].tolist() == [0.5, 1, 0] and per_query["first_relevant_rank"].tolist() == [2, 1, 0]
     ideal2 = 1 + 1 / np.log2(3)
@@ -311,25 +312,22 @@ def test_damaged_index_is_reported(folder, tmp_path, capsys):
 # ----------------------------------------------------------------------------- speed
 
 def test_bench_search_stage_reports_what_it_measured(tmp_path, pairs_csv, tiny_bert_dir):
-    """bench.py --stages search on tiny settings: the corpus size follows --rows, and every number
-    in its rows follows from what it measured (no timing is asserted)."""
+    """bench.py --stages search on tiny settings: the corpus is the embedded questions, every
+    number in its rows follows from what it measured (no timing is asserted), and a corpus far
+    below Kaggle's scale gets no latency or recall target."""
     import bench
     out = tmp_path / "bench.json"
-    bench.main(["--stages", "search", "--encoder", tiny_bert_dir, "--data", pairs_csv, "--rows", "300",
-                "--out", str(out)])
+    bench.main(["--stages", "search", "--encoder", tiny_bert_dir, "--data", pairs_csv, "--out", str(out)])
     s = json.loads(out.read_text())["stages"]["search"]
-    assert s["vectors"] == round(300 * 537_933 / 404_290) and s["dim"] == TINY_BERT["hidden_size"]
-    assert s["build"]["questions"] == len(retrieval.read_questions(pairs_csv).texts)
+    n_questions = len(retrieval.read_questions(pairs_csv).texts)
+    assert s["vectors"] == s["build"]["questions"] == n_questions and s["dim"] == TINY_BERT["hidden_size"]
+    assert s["corpus"].startswith(f"{n_questions:,} sampled questions of pairs.csv embedded with")
     exact, ann = s["exact"], s["ann"]
     assert exact["single_p50_ms"] <= exact["single_p95_ms"] and ann["p50_ms"] <= ann["p95_ms"]
     assert s["ratio"] == pytest.approx(exact["single_p95_ms"] / ann["p95_ms"])
     assert 0 <= ann["recall_at_10_vs_exact"] <= 1 and 1 <= ann["nprobe"] <= ann["nlist"]
     assert s["disk_mb"] > s["vectors"] * s["dim"] * 2 / 1e6
-    for r in s["rows"]:
-        if r["target"] == "< 10 ms":
-            assert r["pass"] == (r["ours"] < 10)
-        if r["target"] == ">= 0.95":
-            assert r["pass"] == (r["ours"] >= 0.95) and r["ours"] == ann["recall_at_10_vs_exact"]
+    assert all(r["target"] == "-" and r["pass"] is None for r in s["rows"])
 
 
 def test_bench_search_stage_over_an_index(folder, tmp_path, pairs_csv, tiny_bert_dir):
