@@ -12,6 +12,7 @@ help and default, Literal fields take only their choices, booleans switch on wit
 with `--flag false` (or `--no_flag` when the default is on), unknown flags are errors.
 """
 import argparse
+import errno
 import sys
 from dataclasses import MISSING, field, fields
 
@@ -67,10 +68,23 @@ def given_flags(config_cls, argv=None, positional=()):
     return {name.rstrip("_") for name, value in args.items() if value is not unset}
 
 
+# A write that fails for a reason outside the program (full disk, read-only filesystem, quota,
+# permissions) is the user's to fix, even after the work: one line, not a traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
 def run(fn, *args):
-    """Call a script's body; a UserError becomes one line on stderr and exit code 2."""
+    """Call a script's body; a UserError becomes one line on stderr and exit code 2, and so does
+    an OSError of the disk or permissions kind (WRITE_ERRNOS), naming the path."""
     try:
         return fn(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = e.filename or "an output"
+        print(f"error: cannot write {where}: {e.strerror} (disk full? read-only? permissions?). Fix: free "
+              "space or pass a writable output place, then run again", file=sys.stderr)
         sys.exit(2)

@@ -27,6 +27,7 @@
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -88,6 +89,62 @@ def check_out_file(path, inputs=(), overwrite=False, example="out.csv", side_fil
     folder = os.path.dirname(os.path.abspath(path))
     if not make_folder and not os.path.isdir(folder):
         raise UserError(f"--out {path}: the folder {folder} does not exist", "create it, or pass another --out")
+
+
+def check_writable(path, flag="--out_dir"):
+    """Before any work: path (a file or folder to be written, existing or not) can be created
+    where it would go. Its nearest existing folder must be a folder and take a new file (a probe
+    file, removed at once: permissions and read-only filesystems both show)."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written under it",
+                        f"pass another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {parent} is not writable ({e.strerror})",
+                        f"pass a {flag} in a writable place") from None
+
+
+class FolderLock:
+    """An exclusive lock on an output folder for a run's life, so that two runs never write into
+    one folder at once: <folder>.lock beside it holds the owner's pid, under fcntl.flock, which the
+    kernel releases when the process ends in any way (kill -9 included), so a lock file left
+    behind is recognised as stale and taken over. The second run gets a one-line error naming the
+    first one's pid."""
+
+    def __init__(self, folder, flag="--out_dir"):
+        self.folder, self.flag = os.path.abspath(folder), flag
+        self.path, self.file = self.folder + ".lock", None
+
+    def __enter__(self):
+        import fcntl
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UserError(f"{self.flag} {self.folder} is in use by another run (pid {owner}, lock "
+                            f"{self.path})", f"wait for it to finish, or pass another {self.flag}") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.remove(self.path)  # while still held: no other run can be between open and flock here
+        except OSError:
+            pass
+        self.file.close()  # releases the flock
 
 
 def check_out_dir(out_dir, inputs=(), what="a data folder", writer="preprocess.py"):
