@@ -13,7 +13,8 @@ reported split (default test) gets the notebook's printout at
     notebook        its fixed threshold 0.96 (chosen by hand; the notebook never says on what)
     best_f1         the threshold maximizing F1 on the VALIDATION split, applied unchanged
     best_accuracy   the threshold maximizing accuracy on the VALIDATION split, applied unchanged
-with the same metrics, results.json and plots as evaluate.py (into --out_dir).
+with the same metrics, results.json and plots as evaluate.py (into --out_dir; a folder holding the
+results of another encoder, pooling, split or data folder is refused unless --overwrite).
 
 Caveat: the bundled default encoder, all-MiniLM-L6-v2, is not untuned for this task: its
 sentence-embedding training data include ~100k Quora duplicate-question pairs (see its model card),
@@ -27,11 +28,16 @@ from typing import Literal
 
 import engine
 import report
-from cli import UserError, arg, parse_config, run
+from cli import arg, check_ranges, parse_config, run
 from data import open_data_dir, open_splits
 from hub import BUNDLED_MODEL, load_tokenizer
 from model import Encoder, ModelConfig, load_encoder
 from text import vocab_hash
+
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"threshold": (lambda v: -1 <= v <= 1, "in [-1, 1] (a cosine)"),
+          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": (lambda v: v >= 0, "0 or more")}
 
 
 @dataclass
@@ -42,6 +48,7 @@ class BaselineConfig:
     threshold: float = arg(0.96, "the notebook's fixed cosine threshold")
     split: Literal["test", "train", "validation", "all"] = arg("test", "split to report")
     out_dir: str = arg("runs/baseline_cosine", "results.json, scores, plots")
+    overwrite: bool = arg(False, "replace the results of another encoder or input in --out_dir")
     batch_size: int = arg(256, "pairs per batch (2x as many questions per encoder pass)", aliases=["--bs"])
     num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
@@ -56,12 +63,12 @@ def main(argv=None):
 
 
 def baseline(cfg):
-    if cfg.batch_size < 1 or cfg.num_workers < 0 or not -1 <= cfg.threshold <= 1:
-        raise UserError(f"--batch_size {cfg.batch_size} --num_workers {cfg.num_workers} --threshold "
-                        f"{cfg.threshold}: out of range", "batch_size >= 1, num_workers >= 0, threshold "
-                        "a cosine in [-1, 1]")
+    check_ranges(cfg, RANGES)
     tok = load_tokenizer(cfg.encoder)
     manifest = open_data_dir(cfg.data_dir, vocab_hash(tok), cfg.encoder)
+    this_run = {"script": "baseline_cosine.py", "encoder": cfg.encoder, "pooling": cfg.pooling,
+                "input": {"split": cfg.split, "data": report.data_id(manifest)}}
+    report.check_results_dir(cfg.out_dir, this_run, cfg.overwrite, inputs=(cfg.data_dir,))
     datasets, validation = open_splits(cfg.data_dir, cfg.split)
     rt = engine.setup_runtime(cfg.device, cfg.precision)
     encoder = Encoder(load_encoder(ModelConfig(encoder=cfg.encoder)), cfg.pooling).to(rt.device).eval()
@@ -73,8 +80,7 @@ def baseline(cfg):
                                  cfg.num_workers, max_len=manifest["max_len"])
     thresholds, results = report.report_datasets(scores_of, datasets, validation, {"notebook": cfg.threshold},
                                                  cfg.out_dir, probabilistic=False)  # cosines are not probabilities
-    report.write_results(cfg.out_dir, {"script": "baseline_cosine.py", "score": "cosine", "config": asdict(cfg),
-                                       "encoder": cfg.encoder, "split": cfg.split,
+    report.write_results(cfg.out_dir, {**this_run, "score": "cosine", "config": asdict(cfg), "split": cfg.split,
                                        "data_dir": os.path.abspath(cfg.data_dir),
                                        "thresholds": thresholds, "results": results})
 

@@ -54,8 +54,8 @@ import torch
 
 import engine
 import reference
-from cli import UserError, arg, parse_config, run
-from data import padding_stats, shapes_of, to_device
+from cli import UserError, arg, check_ranges, parse_config, run
+from data import check_out_file, check_writable, padding_stats, shapes_of, to_device
 from hub import BUNDLED_MODEL
 from measure import (DISTILBERT_CONFIG, Workspace, attention_kernels, bench_search, end_to_end, format_table,
                      git_commit, machine_info, matmul_tflops, notebook_train, ours_train, peer_train, row, sync,
@@ -67,6 +67,20 @@ STAGES = ("preprocess", "data", "padding", "train", "infer", "search", "gpu")
 NOTEBOOK_EPOCH_PAIRS = 461_792         # the notebook's training set (80% of 577,240 augmented pairs)
 NOTEBOOK_EPOCH_MINUTES = 21.6          # its logged epoch time on Colab's GPU (3608 steps in 21:36)
 SEARCH_TARGET_SCALE = 500_000          # questions: the search latency targets are for Kaggle's 538k
+
+
+def auto_or(low):
+    """A flag that is -1 (the device's default) or at least low: (test, the rule in words)."""
+    return (lambda v: v == -1 or v >= low), f"-1 (auto) or at least {low}"
+
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"batch_size": (lambda v: v >= 1, "at least 1"), "warmup_steps": auto_or(0), "train_steps": auto_or(1),
+          "reference_steps": auto_or(1), "data_batches": (lambda v: v >= 1, "at least 1"),
+          "infer_pairs": auto_or(1), "rows": (lambda v: v >= 1000, "at least 1000 (pairs for three splits)"),
+          "notebook_rows": (lambda v: v >= 0, "0 (all) or more"), "num_workers": auto_or(0),
+          "e2e_timeout": (lambda v: v >= 1, "at least 1"),
+          "seed": (lambda v: 0 <= v <= 2 ** 31 - 1, f"in [0, {2 ** 31 - 1}] (faiss takes a 32-bit seed)")}
 
 
 @dataclass
@@ -108,6 +122,10 @@ class Plan:
 
 
 def make_plan(cfg, rt):
+    check_ranges(cfg, RANGES)
+    check_out_file(cfg.out, (cfg.data, cfg.search_index), overwrite=True, example="bench.json")
+    # before any stage, as the report is written after each one; its folder: the file may exist
+    check_writable(cfg.out, "--out")
     named = cfg.stages.split(",")
     unknown = set(named) - set(STAGES) - {"all"}
     if unknown:

@@ -68,6 +68,31 @@ def given_flags(config_cls, argv=None, positional=()):
     return {name.rstrip("_") for name, value in args.items() if value is not unset}
 
 
+def interval(spec):
+    """"[0, 1)" -> (test, words) for check_ranges: "[" and "]" include the end, "(" and ")" leave
+    it out; "inf" has no end."""
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    low_in, high_in = spec[0] == "[", spec[-1] == "]"
+
+    def ok(v):
+        return (low <= v if low_in else low < v) and (v <= high if high_in else v < high)
+    if high < float("inf"):
+        words = f"in {spec}"
+    else:
+        words = (f"at least {low:g}" if low else "0 or more") if low_in else f"more than {low:g}"
+    return ok, words
+
+
+def check_ranges(cfg, ranges):
+    """Every numeric flag in its range before any work: ranges {field: (test, words)}; NaN never
+    passes. A one-line UserError naming the flag, its range and its default."""
+    for name, (ok, words) in ranges.items():
+        value = getattr(cfg, name)
+        if value != value or not ok(value):
+            raise UserError(f"--{name} {value}: out of range, must be {words}",
+                            f"e.g. --{name} {getattr(type(cfg), name)}")
+
+
 # A write that fails for a reason outside the program (full disk, read-only filesystem, quota,
 # permissions) is the user's to fix, even after the work: one line, not a traceback.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}

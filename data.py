@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from cli import UserError
-from text import NO_LABEL, file_sha256
+from text import NO_LABEL, file_sha256, unreadable
 
 FORMAT_VERSION = 2  # of the folder preprocess.py writes; bump when the layout changes
 SPLITS = ("train", "validation", "test")
 LAYOUTS = ("siamese", "cross", "questions")  # what a batch's sequences are (Collator)
+MAX_JOINED_LEN = 512  # a cross-encoder's joined pair is cut at this many tokens (BERT's positions)
 ARRAY_FILES = ("tokens.npy", "offsets.npy", *(f"{s}.npy" for s in SPLITS))
 
 
@@ -51,26 +52,32 @@ def rerun_fix(data_dir, manifest=None):
 def write_data_dir(out_dir, arrays, texts, manifest):
     """Write arrays ({name.npy: ndarray}), text files ({name: str}) and the manifest into out_dir,
     atomically: everything is built in a sibling temp folder that replaces out_dir in one rename,
-    so an interrupted write is never mistaken for a finished folder. The manifest records each
-    file's size and sha256."""
+    so an interrupted write is never mistaken for a finished folder. On any failure or
+    interruption (disk full, a signal raised as an exception) no temp folder is left behind and an
+    earlier folder is back in place. The manifest records each file's size and sha256."""
     out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, arr in arrays.items():
-        np.save(os.path.join(tmp, name), arr)
-    for name, text in texts.items():
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-            f.write(text)
-    manifest["files"] = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
-                                "sha256": file_sha256(os.path.join(tmp, name))}
-                         for name in sorted(os.listdir(tmp))}
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    old = f"{out_dir}.old-{os.getpid()}"
-    if os.path.exists(out_dir):
-        os.rename(out_dir, old)  # only ever a folder check_out_dir accepted: one of ours
-    os.rename(tmp, out_dir)
+    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, arr in arrays.items():
+            np.save(os.path.join(tmp, name), arr)
+        for name, text in texts.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        manifest["files"] = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                                    "sha256": file_sha256(os.path.join(tmp, name))}
+                             for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(out_dir):
+            os.rename(out_dir, old)  # only ever a folder check_out_dir accepted: one of ours
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.exists(out_dir):
+            os.rename(old, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return manifest
 
@@ -92,10 +99,12 @@ def check_out_file(path, inputs=(), overwrite=False, example="out.csv", side_fil
 
 
 def check_writable(path, flag="--out_dir"):
-    """Before any work: path (a file or folder to be written, existing or not) can be created
-    where it would go. Its nearest existing folder must be a folder and take a new file (a probe
+    """Before any work: path (a file or folder to be written, existing or not; an existing file is
+    replaced) can be created where it would go. Its nearest existing folder must be a folder and take a new file (a probe
     file, removed at once: permissions and read-only filesystems both show)."""
     parent = os.path.abspath(path)
+    if os.path.isfile(parent):  # an existing file, to be replaced: its folder takes the new one
+        parent = os.path.dirname(parent)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
@@ -399,7 +408,7 @@ class Collator:
       inside its sequence), packed_seg (which sequence, -1 on padding), packed_types (cross)."""
 
     def __init__(self, layout, pad_id, chunks=2, batch_size=None, row_len=None, row_multiple=4,
-                 max_joined_len=512, question_keys=False):
+                 max_joined_len=MAX_JOINED_LEN, question_keys=False):
         if layout not in LAYOUTS:
             raise ValueError(f"layout '{layout}': use one of {LAYOUTS}")
         if row_len is not None and batch_size is None:
@@ -567,7 +576,7 @@ def make_loader(dataset, layout, batch_size, *, shuffle, seed=0, num_replicas=1,
     row_len = None
     if packed:
         max_len = max_len or int(dataset.manifest.get("max_len") or 128)
-        row_len = min(2 * max_len - 1, 512) if layout == "cross" else max_len
+        row_len = min(2 * max_len - 1, MAX_JOINED_LEN) if layout == "cross" else max_len
     collate = Collator(layout, dataset.manifest["pad_token_id"] or 0, chunks=chunks,
                        batch_size=batch_size, row_len=row_len, question_keys=question_keys)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -599,6 +608,12 @@ def open_splits(data_dir, split):
     names = SPLITS if split == "all" else (split,)
     validation = PairDataset(data_dir, "validation")
     return {s: validation if s == "validation" else PairDataset(data_dir, s) for s in names}, validation
+
+
+def unreadable_pairs(tok, dataset):
+    """(N,) bool: the dataset's pairs with a question the vocabulary cannot read (text.unreadable)."""
+    bad = unreadable(tok, dataset.tokens, dataset.offsets)  # (Q,)
+    return bad[dataset.pairs[:, 0]] | bad[dataset.pairs[:, 1]]
 
 
 def pairs_from_file(path, tok, max_len, pad_token_id, require_label=True):

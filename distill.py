@@ -4,9 +4,11 @@ library behind teach.py and train.py --teacher_file.
 - mine_pairs: unlabelled pairs among the training split's questions only, each question with its
   nearest neighbours (cosine of an encoder's mean-pooled vectors, or BM25), minus identical
   questions and pairs the split already labels. Validation and test questions never take part.
-- teacher_probabilities: p(duplicate) of one or more checkpoints (their mean: an ensemble), each
-  trained on this very folder (so none of them saw its validation or test pairs), for the training
-  pairs and the mined ones, plus each teacher's validation metrics.
+  mining_encoder loads and checks its encoder first.
+- load_teachers / teacher_probabilities: p(duplicate) of one or more checkpoints (their mean: an
+  ensemble), each checked first to have been trained on this very folder (so none of them saw its
+  validation or test pairs), for the training pairs and the mined ones, plus each teacher's
+  validation metrics.
 - The teacher file (.npz, written by teach.py):
       pairs   (M, 3) int64    q1, q2, label: the training split's pairs in order (their gold
                               labels), then the mined pairs (label text.NO_LABEL, -1)
@@ -81,17 +83,24 @@ def question_subset(tokens, offsets, qids):
     return sub, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
-def mine_pairs(train, by, k, n, seed, rt, encoder="", batch_size=256, texts=None, shapes="auto", compile="auto"):
+def mining_encoder(train, encoder=""):
+    """The untuned encoder (model.QuestionEncoder) mine_pairs embeds with (default: the one the
+    folder was tokenized for), after checking that it shares the folder's vocabulary: the folder's
+    token ids are embedded as they are."""
+    manifest = train.manifest
+    qe = load_question_encoder(encoder=encoder or manifest["tokenizer"], max_len=manifest["max_len"])
+    if qe.record["vocab_hash"] != manifest["vocab_hash"]:
+        raise UserError(f"--encoder {encoder}: its vocabulary differs from the one {train.data_dir} was "
+                        "tokenized with", "pass an encoder with the folder's vocabulary, or --mine_by bm25")
+    return qe
+
+
+def mine_pairs(train, by, k, n, seed, rt, qe=None, batch_size=256, texts=None, shapes="auto", compile="auto"):
     """(n', 3) mined pairs (q1, q2, NO_LABEL) among the training split's questions, n' <= n.
-    by "encoder": cosine of the untuned encoder's mean-pooled vectors (it must share the folder's
-    vocabulary: the folder's token ids are embedded as they are); by "bm25": texts[qid] needed."""
+    by "encoder": cosine of mean-pooled vectors of qe (mining_encoder's); by "bm25": texts[qid]."""
     qids = training_questions(train.pairs)  # (Q,)
     manifest, tokens, offsets = train.manifest, train.tokens, train.offsets
     if by == "encoder":
-        qe = load_question_encoder(encoder=encoder or manifest["tokenizer"], max_len=manifest["max_len"])
-        if qe.record["vocab_hash"] != manifest["vocab_hash"]:
-            raise UserError(f"--encoder {encoder}: its vocabulary differs from the one {train.data_dir} was "
-                            "tokenized with", "pass an encoder with the folder's vocabulary, or --mine_by bm25")
         qe.to(rt.device)
         sub_tokens, sub_offsets = question_subset(tokens, offsets, qids)
         inference = engine.Inference(qe.module.question_vectors, "questions", rt, batch_size, shapes, compile,
@@ -106,31 +115,41 @@ def mine_pairs(train, by, k, n, seed, rt, encoder="", batch_size=256, texts=None
 
 # ----------------------------------------------------------------------------- the teacher
 
-def teacher_probabilities(checkpoints, train, pairs, rt, batch_size, num_workers=0, shapes="auto", compile="auto"):
-    """((M,) mean p(duplicate) of the checkpoints over pairs (M, 3) of the folder's questions,
-    {"teachers": [...], "validation": metrics of the mean}). Each teacher must have been trained
-    on this folder: one trained elsewhere may have seen its validation or test questions."""
-    manifest = train.manifest
-    dataset = InMemoryPairs(train.tokens, train.offsets, pairs, manifest["pad_token_id"])
-    validation = PairDataset(train.data_dir, "validation")
-    probs, val_probs, teachers = [], [], []
+def load_teachers(checkpoints, train):
+    """[(path, model on the CPU, checkpoint dict)] of each teacher, after checking that it loads and
+    was trained on this very folder (train: its training split): one trained elsewhere may have
+    seen its validation or test questions."""
+    teachers = []
     for path in checkpoints:
         model, ckpt = load_model(path)
-        if ckpt["data"].get("fingerprint") != fingerprint(manifest):
+        if ckpt["data"].get("fingerprint") != fingerprint(train.manifest):
             raise UserError(f"{path} was trained on {ckpt['data'].get('data_dir')}, not on {train.data_dir} "
                             "(other source, options or split): it may have seen this folder's validation "
                             "or test pairs", f"train the teacher on {train.data_dir} (train.py --data_dir "
                             f"{train.data_dir} --arch cross)")
+        teachers.append((path, model, ckpt))
+    return teachers
+
+
+def teacher_probabilities(teachers, train, pairs, rt, batch_size, num_workers=0, shapes="auto", compile="auto"):
+    """((M,) mean p(duplicate) of the teachers (load_teachers') over pairs (M, 3) of the folder's
+    questions, {"teachers": [...], "validation": metrics of the mean})."""
+    manifest = train.manifest
+    dataset = InMemoryPairs(train.tokens, train.offsets, pairs, manifest["pad_token_id"])
+    validation = PairDataset(train.data_dir, "validation")
+    probs, val_probs, records = [], [], []
+    for path, model, ckpt in teachers:
         model.to(rt.device)
         score = engine.Inference(model.probability, model.cfg.arch, rt, batch_size, shapes, compile, num_workers,
                                  max_len=ckpt["data"]["max_len"])
         probs.append(score(dataset, f"teacher {os.path.basename(os.path.dirname(os.path.abspath(path)))}"))
         val_probs.append(score(validation, "teacher on validation"))
         m = compute_metrics(validation.labels, val_probs[-1], 0.5)
-        teachers.append({"checkpoint": os.path.abspath(path), "sha256": file_sha256(path), "arch": model.cfg.arch,
-                         "step": ckpt.get("step"), "validation": summary_metrics(m)})
+        records.append({"checkpoint": os.path.abspath(path), "sha256": file_sha256(path), "arch": model.cfg.arch,
+                        "step": ckpt.get("step"), "validation": summary_metrics(m)})
+        model.cpu()  # one teacher on the device at a time
     mean_val = compute_metrics(validation.labels, np.mean(val_probs, 0), 0.5)
-    return np.mean(probs, 0).astype(np.float32), {"teachers": teachers, "validation": summary_metrics(mean_val)}
+    return np.mean(probs, 0).astype(np.float32), {"teachers": records, "validation": summary_metrics(mean_val)}
 
 
 def summary_metrics(m):
@@ -140,11 +159,17 @@ def summary_metrics(m):
 # ----------------------------------------------------------------------------- the file
 
 def save_teacher_file(path, pairs, probs, record):
-    """Written whole or not at all: a temp file, then one rename."""
+    """Written whole or not at all: a temp file, then one rename; a failed write (a full disk)
+    removes the temp file."""
     tmp = f"{path}.tmp.npz"
-    np.savez(tmp, pairs=pairs.astype(np.int64), probs=probs.astype(np.float32),
-             record=np.array(json.dumps({"format": FORMAT, **record})))
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, pairs=pairs.astype(np.int64), probs=probs.astype(np.float32),
+                 record=np.array(json.dumps({"format": FORMAT, **record})))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_teacher_file(path, train):

@@ -267,7 +267,8 @@ def all_sum(values, rt):
 class StopSignal:
     """Ctrl-C / SIGTERM: the loop finishes its step, saves and exits. Under DDP the processes
     agree on when (each step, over a CPU group that does not wait for the GPU): a process leaving
-    the loop alone would hang the others in their next all-reduce."""
+    the loop alone would hang the others in their next all-reduce. They agree on which signal
+    too, so every process exits with its code (exit_code)."""
 
     def __init__(self, rt):
         self.rt, self.signals = rt, []
@@ -276,20 +277,31 @@ class StopSignal:
         self.group = torch.distributed.new_group(backend="gloo") if rt.world > 1 else None
 
     def close(self):
-        """Give the signals back to their earlier handlers (the loop is over)."""
+        """Give the signals back to their earlier handlers (the loop is over); again is harmless."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def __call__(self):
-        """True once any process got a signal (the same answer on every process)."""
-        if self.group is None:
-            return bool(self.signals)
-        flag = torch.tensor([len(self.signals)], dtype=torch.int64)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+    def __enter__(self):
+        return self
 
-    def describe(self):
-        return f"signal {self.signals[0]}" if self.signals else "a signal to another process"
+    def __exit__(self, *exc):  # also when the loop raises: Ctrl-C must not stay swallowed
+        self.close()
+
+    def __call__(self):
+        """The number of the signal a process got (0: none yet; the largest if several got one):
+        the same answer on every process."""
+        mine = int(self.signals[0]) if self.signals else 0
+        if self.group is None:
+            return mine
+        flag = torch.tensor([mine], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    @staticmethod
+    def exit_code(signum):
+        """The shell's code for a process ended by this signal (130 Ctrl-C, 143 SIGTERM): a stopped
+        run saves and exits cleanly, but not with 0, so `train.py && evaluate.py` stops there."""
+        return 128 + signum
 
 
 def rng_state():

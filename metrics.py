@@ -3,12 +3,16 @@
 Scores are duplicate probabilities (or cosine similarities for the baseline): higher = duplicate.
 Thresholds are chosen on one split (validation) and applied unchanged to another (test).
 """
+import math
+
 import numpy as np
 from sklearn import metrics as skm
 
 
 def compute_metrics(labels, scores, threshold=0.5, probabilistic=True):
-    """labels (N,) 0/1, scores (N,) -> dict of the notebook's metrics and threshold-free ones."""
+    """labels (N,) 0/1, scores (N,) -> dict of the notebook's metrics and threshold-free ones.
+    With one class in labels, roc_auc and average_precision are undefined: NaN (json_safe makes
+    them null for JSON files)."""
     labels = np.asarray(labels).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     preds = (scores >= threshold).astype(np.int64)
@@ -30,6 +34,18 @@ def compute_metrics(labels, scores, threshold=0.5, probabilistic=True):
         p = np.clip(scores, 1e-7, 1 - 1e-7)
         out["log_loss"] = float(skm.log_loss(labels, p, labels=[0, 1]))
     return out
+
+
+def json_safe(value):
+    """value (dicts, lists, numbers) with NaN and infinities as None: json.dumps writes those as
+    NaN / Infinity, which is not JSON, and readers outside Python (jq, JavaScript) refuse the file."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def best_threshold(labels, scores, by="f1"):

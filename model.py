@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cli import UserError
+from data import MAX_JOINED_LEN
 from hub import BUNDLED_MODEL, from_local_or_hub
 from text import NO_LABEL
 # Config fields added after checkpoints were first written, with the value those runs had: a saved
@@ -73,6 +74,35 @@ def load_encoder(cfg):
         return AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
     return from_local_or_hub(lambda path, **kw: AutoModel.from_pretrained(path, attn_implementation="sdpa", **kw),
                              cfg.encoder, "model weights")
+
+
+def encoder_positions(cfg):
+    """How many positions the encoder of a ModelConfig has (its config's max_position_embeddings;
+    None for an encoder without that limit). Reads the config alone, not the weights."""
+    from transformers import AutoConfig
+    if cfg.encoder_config:
+        hf_cfg = AutoConfig.for_model(**cfg.encoder_config)
+    else:
+        hf_cfg = from_local_or_hub(lambda path, **kw: AutoConfig.from_pretrained(path, **kw), cfg.encoder,
+                                   "model config")
+    return getattr(hf_cfg, "max_position_embeddings", None)
+
+
+def check_positions(cfg, max_len, data_dir):
+    """Before any training: the longest sequence a data folder of max_len tokens per question gives
+    this model's encoder fits its positions (a question, siamese; a joined pair, 2 * max_len - 1
+    tokens cut at MAX_JOINED_LEN, cross). Otherwise a run would train and then fail on the first
+    long question, perhaps only at the test pass."""
+    positions = encoder_positions(cfg)
+    longest = min(2 * max_len - 1, MAX_JOINED_LEN) if cfg.arch == "cross" else max_len
+    if positions is None or longest <= positions:
+        return
+    joined = f": joined pairs of up to {longest} tokens" if cfg.arch == "cross" else ""
+    fits = (positions + 1) // 2 if cfg.arch == "cross" else positions
+    raise UserError(f"{data_dir} was preprocessed with --max_len {max_len}{joined}, longer than the {positions} "
+                    f"positions of the encoder {cfg.encoder}",
+                    f"re-run preprocess.py with --max_len {fits} or less (into another --out_dir), or use "
+                    "an encoder with more positions")
 
 
 def takes_token_types(encoder):

@@ -10,23 +10,34 @@ One pair: prints its probability of being a duplicate (a number in [0, 1], nothi
 --csv: any CSV/TSV with two question columns (a label column is not needed) -> a CSV with, per
 usable input row, its id (where text.read_pairs reports one, else its 1-based data row
 number), the probability and the predicted label (probability >= threshold). Unusable rows (e.g.
-an empty question) are listed in <out>.rejects.tsv.
+an empty question) are listed in <out>.rejects.tsv, which exists only beside predictions that had
+some (an earlier run's is removed). Both are written to temp files and renamed at the end; the output
+place is checked for writing before any work.
+
+A question the vocabulary cannot read (emoji, other scripts: nothing but [UNK] to the model) gives a
+probability that means nothing: such pairs are counted in a warning on stderr.
 
 The threshold is --threshold (default 0.5, the argmax), or with --threshold_from the best-F1
 threshold that evaluate.py chose on the validation split (never on the data it is applied to).
 """
-import csv
 import json
 import os
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 import engine
-from cli import UserError, arg, parse_config, run
-from data import InMemoryPairs, check_out_file, pairs_from_file
+from cli import UserError, arg, check_ranges, parse_config, run
+from data import InMemoryPairs, check_out_file, check_writable, pairs_from_file, unreadable_pairs
 from model import load_model
-from text import NO_LABEL, checkpoint_tokenizer, encode_pairs, write_rejects
+from text import NO_LABEL, checkpoint_tokenizer, encode_pairs, write_table
+
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"threshold": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability threshold)"),
+          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": (lambda v: v >= 0, "0 or more")}
 
 
 @dataclass
@@ -64,6 +75,7 @@ def predict(cfg):
                                                              require_label=False)
     else:
         dataset, pairs, rejects, rows_read = one_pair(cfg.question1, cfg.question2, tok, data)
+    warn_unreadable(tok, dataset, pairs, cfg.csv)
     # Inputs are valid: now the device, its banner on stderr (stdout is for the answer).
     rt = engine.setup_runtime(cfg.device, cfg.precision, file=sys.stderr)
     model.to(rt.device)
@@ -73,9 +85,7 @@ def predict(cfg):
     if not cfg.csv:
         print(f"{probs[0]:.6f}")
         return
-    write_predictions(cfg.out, pairs, probs, threshold)
-    if rejects:
-        write_rejects(f"{cfg.out}.rejects.tsv", rejects)
+    write_predictions(cfg.out, pairs, probs, threshold, rejects)
     print(f"{cfg.csv}: {rows_read:,} rows, {len(rejects):,} rejected"
           f"{' (see ' + cfg.out + '.rejects.tsv)' if rejects else ''}; wrote {len(probs):,} predictions "
           f"to {cfg.out} at threshold {threshold:.4f}, {int((probs >= threshold).sum()):,} duplicates")
@@ -85,16 +95,15 @@ def check_config(cfg):
     """Every flag checked, and the output place made safe, before any work."""
     if bool(cfg.csv) == bool(cfg.question1 or cfg.question2):
         raise UserError("give either two questions or --csv FILE", 'e.g. predict.py out/ckpt.pt "Q1?" "Q2?"')
-    if not 0 <= cfg.threshold <= 1:
-        raise UserError(f"--threshold {cfg.threshold}: a probability threshold must be in [0, 1]",
-                        "e.g. --threshold 0.5")
-    if cfg.batch_size < 1 or cfg.num_workers < 0:
-        raise UserError(f"--batch_size {cfg.batch_size} --num_workers {cfg.num_workers}: out of range",
-                        "batch_size >= 1, num_workers >= 0")
+    check_ranges(cfg, RANGES)
     if not cfg.csv:
         return
     check_out_file(cfg.out, (cfg.csv, cfg.checkpoint, cfg.threshold_from), cfg.overwrite, "preds.csv",
                    side_files=(".rejects.tsv",))
+    if os.path.exists(f"{cfg.out}.rejects.tsv") and not cfg.overwrite:
+        raise UserError(f"--out {cfg.out}: {cfg.out}.rejects.tsv exists (an earlier run's rejected rows)",
+                        "pass --overwrite to replace both, or another --out")
+    check_writable(cfg.out, "--out")
 
 
 def one_pair(question1, question2, tok, data):
@@ -128,17 +137,28 @@ def tuned_threshold(results_path, ckpt_path):
     return value
 
 
-def write_predictions(path, pairs, probs, threshold):
-    """One row per usable input row: id (or row), probability, prediction; written to a temp file
-    and renamed, so an interrupted run leaves no half-written predictions."""
+def warn_unreadable(tok, dataset, pairs, from_csv):
+    """A warning on stderr (stdout holds the answer) for pairs with a question the vocabulary cannot
+    read: the model sees such a question as nothing, so its probability means nothing."""
+    bad = np.flatnonzero(unreadable_pairs(tok, dataset))
+    if not len(bad):
+        return
+    if from_csv:
+        ids = pairs.get("id") or pairs["row"]
+        print(f"warning: {len(bad):,} of {len(dataset):,} pairs have a question the vocabulary cannot read "
+              f"(nothing but [UNK]: emoji, other scripts; the first: {'id' if pairs.get('id') else 'row'} "
+              f"{ids[bad[0]]}): their probabilities mean nothing", file=sys.stderr)
+    else:
+        print("warning: a question the vocabulary cannot read (nothing but [UNK]: emoji, other scripts): "
+              "this probability means nothing", file=sys.stderr)
+
+
+def write_predictions(path, pairs, probs, threshold, rejects):
+    """One row per usable input row: id (or row), probability, prediction; rejects beside it
+    (text.write_table: atomic, one run's)."""
     ids = pairs.get("id") or pairs["row"]  # read_pairs gives 1-based row numbers; ids where it has them
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id" if pairs.get("id") else "row", "probability", "prediction"])
-        for i, p in zip(ids, probs.tolist()):
-            w.writerow([i, f"{p:.6f}", int(p >= threshold)])
-    os.replace(tmp, path)
+    write_table(path, ["id" if pairs.get("id") else "row", "probability", "prediction"],
+                ([i, f"{p:.6f}", int(p >= threshold)] for i, p in zip(ids, probs.tolist())), rejects)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,26 @@ at once (built in a temp folder, then renamed into place):
     offsets.npy     (Q+1,) int64         question i is tokens[offsets[i]:offsets[i+1]]
     train.npy, validation.npy, test.npy   (N, 3) int32   rows of (q1 index, q2 index, label)
     rejects.tsv     rows that could not be used, with row number, line and reason
-    conflicts.tsv   the file rows of pairs given with both labels (kept, as in the file)
-    manifest.json   format version, tokenizer, options, counts, length stats, leak audit, and the
-                    size and sha256 of every file
+    conflicts.tsv   the file rows of pairs given with both labels (kept, as in the file), and of
+                    rows whose qid names another question's text (rejected), with the conflict
+    manifest.json   format marker and version, tokenizer, options, counts, length stats, leak
+                    audit, and the size and sha256 of every file
 
 The default split (`--split questions`) keeps every question, by qid and by normalized text, in one
 split only: the notebook split pairs at random after transitive augmentation, so its test questions
 (and test labels implied by training labels) were seen in training. Re-running with the same input,
 options and code reuses the folder after checking every file's hash; anything else rebuilds it.
+--out_dir must be new, empty, or a data folder this script wrote holding nothing else (never one
+holding the input); one run writes into it at a time (a lock beside it), and a failed or
+interrupted write (SIGTERM, Ctrl-C: exit 143, 130) leaves no temp folder and the earlier folder
+in place.
 """
+import contextlib
 import hashlib
+import json
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -31,10 +40,13 @@ import numpy as np
 import splits
 import text
 from cli import UserError, arg, parse_config, run
-from data import FORMAT_VERSION, SPLITS, check_out_dir, load_manifest, write_data_dir
-from hub import BUNDLED_MODEL, load_tokenizer
+from data import (ARRAY_FILES, FORMAT_VERSION, SPLITS, FolderLock, check_out_dir, check_writable, load_manifest,
+                  write_data_dir)
+from hub import BUNDLED_MODEL, load_tokenizer, resolve_model
 
 LIBRARY = ("preprocess.py", "text.py", "splits.py", "data.py", "hub.py")  # the code the output depends on
+# The manifest's marker: a folder this script wrote (index.py's manifests say "qqp-question-index-v1").
+DATA_FORMAT = "qqp-pair-data"
 
 
 @dataclass
@@ -55,24 +67,46 @@ class PreprocessConfig:
 
 def main(argv=None):
     cfg = parse_config(PreprocessConfig, argv, __doc__, positional=("input",))
-    manifest = run(preprocess, cfg)
+    try:
+        with stop_on_signals():
+            manifest = run(preprocess, cfg)
+    except Interrupted as e:
+        sig = e.args[0]
+        print(f"error: stopped by {sig.name}; nothing half-written is left in or beside {cfg.out_dir}. "
+              "Fix: run the same command again", file=sys.stderr)
+        sys.exit(128 + sig)
     print_summary(manifest, cfg.out_dir)
 
 
 def preprocess(cfg):
-    t0 = time.time()
+    """Every check that needs no work first (flags, the output place), then the work, under the
+    output folder's lock."""
     check_config(cfg)
-    check_out_dir(cfg.out_dir)
+    check_out(cfg)
+    with FolderLock(cfg.out_dir):
+        return build(cfg)
+
+
+def build(cfg):
+    t0 = time.time()
     source_sha = text.file_sha256(cfg.input) if os.path.isfile(cfg.input) else None
+    if source_sha is None and os.path.exists(cfg.input) and not os.path.isdir(cfg.input):
+        print(f"note: {cfg.input} is not a regular file (a pipe?): it is read once and not hashed, so this "
+              "folder is never reused by a later run, and index.py cannot re-read its questions from it")
     tok = load_tokenizer(cfg.encoder)
+    check_max_len(cfg, tok)
     key = cache_key(cfg, source_sha, text.vocab_hash(tok))
-    reused = reuse(cfg, key)
+    reused = reuse(cfg, key) if source_sha else None
     if reused:
         return reused
 
-    pairs, rejects, rows_read = text.read_pairs(cfg.input)
+    pairs_read, rejects, rows_read = text.read_pairs(cfg.input)
     t_read = time.time()
-    q1, q2, texts, qid_conflicts = text.index_questions(pairs)
+    # A row whose qid names another question's text is rejected: keyed by qid, it would pair a
+    # question it does not hold.
+    pairs, qid_rejects = text.drop_qid_conflicts(pairs_read)
+    rejects = sorted(rejects + qid_rejects)
+    q1, q2, texts, _ = text.index_questions(pairs)
     labels = np.array(pairs["label"], np.int64)
     duplicates, conflict_rows = splits.pair_duplicates(q1, q2, labels, np.array(pairs["row"]), pairs["id"])
     norm_index = {}
@@ -111,7 +145,7 @@ def preprocess(cfg):
 
     lengths = np.diff(offsets)
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format": DATA_FORMAT, "format_version": FORMAT_VERSION,
         "cache_key": key,
         "source": os.path.abspath(cfg.input), "source_sha256": source_sha,
         "tokenizer": cfg.encoder, "tokenizer_path": tok.name_or_path, "vocab_hash": key["vocab_hash"],
@@ -123,7 +157,7 @@ def preprocess(cfg):
         "counts": {
             "rows_read": rows_read, "rows_rejected": len(rejects), "pairs_kept": len(pairs["q1"]),
             "questions": len(texts), "normalized_texts": len(norm_texts),
-            "unreadable_questions": n_unreadable, "qid_text_conflicts": qid_conflicts,
+            "unreadable_questions": n_unreadable, "qid_text_conflicts": len(qid_rejects),
             "self_pairs": int((q1 == q2).sum()), **duplicates,
             "transitive_pairs_added": n_closure,
             **{f"{name}_pairs": len(a) for name, a in split_pairs.items()},
@@ -139,9 +173,45 @@ def preprocess(cfg):
     }
     arrays = {"tokens.npy": tokens, "offsets.npy": offsets, **{f"{n}.npy": a for n, a in split_pairs.items()}}
     files = {"rejects.tsv": tsv(("row", "line", "reason"), rejects),
-             "conflicts.tsv": tsv(("row", "question1", "question2", "label"),
-                                  [(row, texts[i], texts[j], y) for row, i, j, y in conflict_rows])}
+             "conflicts.tsv": tsv(("row", "question1", "question2", "label", "conflict"),
+                                  conflict_lines(conflict_rows, texts, pairs_read, qid_rejects))}
     return write_data_dir(cfg.out_dir, arrays, files, manifest)
+
+
+def conflict_lines(conflict_rows, texts, pairs_read, qid_rejects):
+    """conflicts.tsv's rows in file order, each with the texts its row holds: pairs given with both
+    labels (kept) and rows whose qid names another question's text (rejected)."""
+    lines = [(row, texts[i], texts[j], y, "kept: this pair is given with both labels")
+             for row, i, j, y in conflict_rows]
+    at = {row: i for i, row in enumerate(pairs_read["row"])} if qid_rejects else {}
+    lines += [(row, *(pairs_read[k][at[row]] for k in ("q1", "q2", "label")), f"rejected: {reason}")
+              for row, _, reason in qid_rejects]
+    return sorted(lines)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT during a run, raised where the run is, so that what it was writing is
+    cleaned up on the way out; args[0] is the signal."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """SIGTERM (whose default kills at once, leaving a half-written temp folder) and SIGINT raise
+    Interrupted inside the block; later ones are ignored until the block is left, so that they
+    cannot cut the clean-up short."""
+    def stop(signum, frame):
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signal.Signals(signum))
+    try:
+        previous = {s: signal.signal(s, stop) for s in signums}
+    except ValueError:  # not the main thread (signals go to it only): nothing to install
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def check_config(cfg):
@@ -151,6 +221,65 @@ def check_config(cfg):
                         "[0, 1) and their sum below 1", "e.g. --val_frac 0.1 --test_frac 0.1")
     if cfg.max_len < 3:
         raise UserError(f"--max_len {cfg.max_len}: too short", "use at least 3 (e.g. 128)")
+
+
+def is_data_manifest(m):
+    """A manifest of a folder this script wrote: its marker, or (written before the marker) a
+    format version and cache key and no other format."""
+    if not isinstance(m, dict):
+        return False
+    if "format" in m:
+        return m["format"] == DATA_FORMAT
+    return isinstance(m.get("format_version"), int) and "cache_key" in m
+
+
+def check_out(cfg):
+    """--out_dir is new, empty, or a data folder this script wrote that holds nothing else (a
+    rebuild replaces it whole), never the input's folder; and it can be written."""
+    check_out_dir(cfg.out_dir, (cfg.input,))
+    path = os.path.join(cfg.out_dir, "manifest.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                m = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--out_dir {cfg.out_dir}: its manifest.json is unreadable ({type(e).__name__}), so "
+                            "it cannot be told for a data folder preprocess.py wrote, and rebuilding would "
+                            "replace it", "delete the folder if it is one, or pass another --out_dir") from None
+        if not is_data_manifest(m):
+            found = m.get("format", "none") if isinstance(m, dict) else type(m).__name__
+            raise UserError(f"--out_dir {cfg.out_dir} is not a data folder preprocess.py wrote (its manifest.json "
+                            f"says format {found}), and rebuilding would replace it",
+                            "pass a new or empty folder, or one preprocess.py wrote")
+        ours = set(m.get("files") or (*ARRAY_FILES, "rejects.tsv", "conflicts.tsv")) | {"manifest.json"}
+        foreign = sorted(set(os.listdir(cfg.out_dir)) - ours)
+        if foreign:
+            raise UserError(f"--out_dir {cfg.out_dir} holds files preprocess.py did not write "
+                            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), and rebuilding "
+                            "would delete them", "move them out of the folder, or pass another --out_dir")
+    check_writable(cfg.out_dir)
+
+
+def check_max_len(cfg, tok):
+    """--max_len within what the encoder takes: its tokenizer's model_max_length (when it is a
+    real number, not transformers' huge 'no limit' value) and its config's
+    max_position_embeddings (when it has a config). A longer one fails only at train time."""
+    limits = {}
+    if isinstance(tok.model_max_length, (int, float)) and 0 < tok.model_max_length < 1_000_000:
+        limits["the tokenizer's model_max_length"] = int(tok.model_max_length)
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(resolve_model(cfg.encoder), local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        config = None  # a tokenizer alone: nothing more to check
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits["the encoder's max_position_embeddings"] = positions
+    if limits:
+        what, limit = min(limits.items(), key=lambda kv: kv[1])
+        if cfg.max_len > limit:
+            raise UserError(f"--max_len {cfg.max_len}: over the {limit} tokens {cfg.encoder} takes ({what})",
+                            f"pass --max_len {limit} or less (e.g. 128)")
 
 
 def cache_key(cfg, source_sha, tok_hash):
@@ -202,10 +331,13 @@ def print_summary(m, out_dir):
     if c["transitive_pairs_added"]:
         print(f"transitive closure added {c['transitive_pairs_added']:,} positive pairs")
     repeats = {k: c[k] for k in ("duplicate_ids", "duplicate_pairs", "pairs_with_conflicting_labels",
-                                 "qid_text_conflicts", "self_pairs") if c.get(k)}
+                                 "self_pairs") if c.get(k)}
     if repeats:
         print("kept as in the file: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in repeats.items())
               + (f" (see {os.path.join(out_dir, 'conflicts.tsv')})" if c.get("pairs_with_conflicting_labels") else ""))
+    if c.get("qid_text_conflicts"):
+        print(f"rejected {c['qid_text_conflicts']:,} rows whose qid names another question's text "
+              f"(see {os.path.join(out_dir, 'conflicts.tsv')})")
     if c.get("unreadable_questions"):
         print(f"warning: {c['unreadable_questions']:,} questions tokenize to nothing but [UNK] "
               f"(emoji, other scripts): the model sees no content in them")

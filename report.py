@@ -4,13 +4,71 @@ plots, per-pair scores and results.json. Shared by evaluate.py and baseline_cosi
 A threshold picked on the split it is scored on flatters that split, so tuned thresholds never
 come from the reported split; where they must (the validation split itself), they are labelled
 in-sample.
+
+A results folder holds one run's results: check_results_dir, before any work, refuses a folder
+holding another run's (another model or input) unless asked to replace them, and any other files.
 """
+import hashlib
 import json
 import os
+import re
 
 import numpy as np
 
 import metrics
+from cli import UserError
+from data import check_writable, fingerprint
+
+# Every file a results folder holds: report_datasets' scores and plots, write_results' results.json,
+# evaluate.py's rejects.tsv. A folder with anything else in it is not a results folder.
+RESULT_FILE = re.compile(r"results\.json|rejects\.tsv|scores_.+\.npz"
+                         r"|.+_(pr_curve|roc_curve|confusion_matrix|score_histogram)\.png")
+
+
+def data_id(manifest):
+    """16 hex digits naming a data folder's content (its fingerprint) in results.json."""
+    return hashlib.sha256(fingerprint(manifest).encode()).hexdigest()[:16]
+
+
+def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
+    """Before any work: out_dir can take this run's results. It must be writable, no input, in
+    none and holding none, hold nothing but results files, and hold no results of another run
+    (this_run: the results.json fields that identify a run, e.g. script, model and input; a re-run
+    of the same run replaces its own). overwrite lets another run's results go: they are deleted
+    here, so that a folder never mixes two runs' files."""
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new, or one holding this run's "
+                        "results)")
+    check_writable(out_dir)
+    out = os.path.realpath(out_dir)
+    for p in (os.path.realpath(p) for p in inputs if p):
+        if out == p or p.startswith(out + os.sep) or out.startswith(p + os.sep):
+            raise UserError(f"--out_dir {out_dir} is, holds or lies in an input ({p})", "pass a folder of its own")
+    if not os.path.isdir(out_dir):
+        return
+    names = sorted(os.listdir(out_dir))
+    foreign = [n for n in names if not RESULT_FILE.fullmatch(n)]
+    if foreign:
+        raise UserError(f"--out_dir {out_dir} holds files that are not results ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''})", "pass a new or empty --out_dir")
+    if "results.json" not in names:
+        return  # empty, or the files of a run cut short: nothing finished to lose
+    try:
+        with open(os.path.join(out_dir, "results.json")) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        earlier = {}
+    earlier = earlier if isinstance(earlier, dict) else {}
+    if {k: earlier.get(k) for k in this_run} == this_run:
+        return
+    if not overwrite:
+        model = earlier.get("checkpoint") or earlier.get("encoder") or "unknown"
+        where = f" of {earlier['data_dir']}" if earlier.get("data_dir") else ""
+        raise UserError(f"--out_dir {out_dir} holds the results of another run ({earlier.get('script')} of "
+                        f"{model} on {earlier.get('split')}{where})", "pass another --out_dir, or --overwrite to "
+                        "replace them")
+    for name in names:
+        os.remove(os.path.join(out_dir, name))
 
 
 def tune_thresholds(labels, scores):

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from functools import cached_property, partial
 
@@ -80,9 +81,11 @@ def embed_texts(qe, inference, texts, desc="embedding", verbose=True):
     question_inference(qe, ...)."""
     unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
     tokens, offsets, _, n_unreadable = tokenize(qe.tokenizer, unique.tolist(), qe.max_len)
-    if n_unreadable and verbose:
-        print(f"note: {n_unreadable:,} questions tokenize to nothing but [UNK] (emoji, other scripts): "
-              "their vectors carry no content")
+    if n_unreadable:  # whatever verbose says (one query too), on stderr: stdout may hold the answer
+        who = "the question tokenizes" if len(unique) == 1 else \
+            f"{n_unreadable:,} of {len(unique):,} distinct questions tokenize"
+        print(f"warning: {who} to nothing but [UNK] (emoji, other scripts): no content reaches the model, so "
+              "what such a question matches means nothing", file=sys.stderr)
     pooled = inference(QuestionDataset(tokens, offsets, qe.pad_id, qe.max_len), desc, verbose)
     return pooled[inverse.reshape(-1)]
 

@@ -12,6 +12,7 @@ Modes:
     one query        the top --k questions by cosine, printed (stdout holds only the answer)
     --queries FILE   a CSV/TSV with a question column, a .txt (one a line) or a pairs file -> --out CSV,
                      --k rows per usable query; unusable rows counted, listed in <out>.rejects.tsv
+                     (only beside results that had some: an earlier run's is removed)
     --eval DATA_DIR  the benchmark (index of that folder): every test question with a labelled
                      duplicate in the test split is a query, its duplicates (transitive closure inside
                      the split) are the answers, the corpus is every question of every split but the
@@ -26,7 +27,9 @@ the checkpoint's pair classifier and orders them by its duplicate probability, p
 cosine.
 
 Queries are embedded with the model the index was built with (its manifest names it); a checkpoint
-that changed since, or another model, is refused: their vectors are not comparable.
+that changed since, or another model, is refused: their vectors are not comparable. A query the
+vocabulary cannot read (emoji, other scripts: nothing but [UNK]) gets a warning on stderr: its
+answers mean nothing. Every output place is checked for writing before any work.
 """
 import csv
 import json
@@ -40,12 +43,18 @@ import numpy as np
 
 import engine
 import retrieval
-from cli import UserError, arg, parse_config, run
-from data import check_out_file
+from cli import UserError, arg, check_ranges, parse_config, run
+from data import check_out_file, check_writable
 from measure import measure_speed
 from model import describe_model, load_question_encoder
 from search_eval import check_index_of_folder, eval_protocol, ranking_metrics
-from text import write_rejects
+from text import write_table
+
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"k": (lambda v: v >= 1, "at least 1"), "nprobe": (lambda v: v >= 0, "0 (as calibrated) or more"),
+          "rerank_depth": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+          "num_workers": (lambda v: v >= 0, "0 or more")}
 
 
 @dataclass
@@ -104,9 +113,7 @@ def search(cfg):
         print_answers(texts[0], scores[0], rows[0], None if probs is None else probs[0], *index.questions,
                       score_name)
     else:
-        write_answers(cfg.out, texts, qs.ids, scores, rows, probs, *index.questions, score_name)
-        if qs.rejects:
-            write_rejects(f"{cfg.out}.rejects.tsv", qs.rejects)
+        write_answers(cfg.out, texts, qs.ids, scores, rows, probs, *index.questions, score_name, qs.rejects)
         print(f"{cfg.queries}: {qs.rows_read:,} rows, {len(qs.rejects):,} rejected"
               f"{' (see ' + cfg.out + '.rejects.tsv)' if qs.rejects else ''}; wrote the top {cfg.k} of "
               f"{len(index):,} questions for {len(texts):,} queries to {cfg.out}")
@@ -124,10 +131,7 @@ def check_config(cfg):
                         "--queries FILE, --eval DATA_DIR or --speed")
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} together", "pass one of them")
-    if cfg.k < 1 or cfg.rerank_depth < 1 or cfg.nprobe < 0 or cfg.batch_size < 1 or cfg.num_workers < 0:
-        raise UserError(f"--k {cfg.k} --rerank_depth {cfg.rerank_depth} --nprobe {cfg.nprobe} --batch_size "
-                        f"{cfg.batch_size} --num_workers {cfg.num_workers}: out of range",
-                        "k, rerank_depth and batch_size >= 1; nprobe and num_workers >= 0")
+    check_ranges(cfg, RANGES)
     if cfg.ann and cfg.bm25:
         raise UserError("--ann and --bm25 together", "--ann searches the vectors approximately, --bm25 the "
                         "texts: pick one")
@@ -136,10 +140,18 @@ def check_config(cfg):
     inputs = [os.path.realpath(p) for p in (cfg.index, cfg.queries, cfg.eval, cfg.checkpoint) if p]
     if cfg.queries:
         check_out_file(cfg.out, inputs, cfg.overwrite, "matches.csv", side_files=(".rejects.tsv",))
-    out_dir = os.path.realpath(cfg.out_dir or results_dir(cfg))
-    if (cfg.eval or cfg.speed) and any(out_dir == p or out_dir.startswith(p + os.sep) for p in inputs):
-        raise UserError(f"--out_dir {out_dir} is or lies in an input: writing would change it",
-                        "pass another --out_dir")
+        if os.path.exists(f"{cfg.out}.rejects.tsv") and not cfg.overwrite:
+            raise UserError(f"--out {cfg.out}: {cfg.out}.rejects.tsv exists (an earlier run's rejected rows)",
+                            "pass --overwrite to replace both, or another --out")
+        check_writable(cfg.out, "--out")
+    if cfg.eval or cfg.speed:
+        out_dir = os.path.realpath(cfg.out_dir or results_dir(cfg))
+        if any(out_dir == p or out_dir.startswith(p + os.sep) for p in inputs):
+            raise UserError(f"--out_dir {out_dir} is or lies in an input: writing would change it",
+                            "pass another --out_dir")
+        if os.path.isfile(out_dir):
+            raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path")
+        check_writable(out_dir, "--out_dir")
 
 
 def check_k(k, corpus):
@@ -209,20 +221,16 @@ def print_answers(query, scores, rows, probs, ids, texts, score_name):
             print(f"{rank:>4}  {s:6.4f}  {prob}{ids[r]:>10}  {texts[r]}")
 
 
-def write_answers(path, queries, query_ids, scores, rows, probs, ids, texts, score_name):
-    """--k rows per query (fewer where the ANN's probed lists held fewer), to a temp file renamed at
-    the end: an interrupted run leaves no half-written results."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["query_id", "query", "rank", score_name, *(["probability"] if probs is not None else []),
-                    "id", "question"])
-        for q, (qid, text) in enumerate(zip(query_ids, queries)):
-            for rank, r in enumerate(rows[q].tolist(), 1):
-                if r >= 0:
-                    w.writerow([qid, text, rank, f"{scores[q, rank - 1]:.6f}",
-                                *([f"{probs[q, rank - 1]:.6f}"] if probs is not None else []), ids[r], texts[r]])
-    os.replace(tmp, path)
+def write_answers(path, queries, query_ids, scores, rows, probs, ids, texts, score_name, rejects=()):
+    """--k rows per query (fewer where the ANN's probed lists held fewer); rejected query rows
+    beside it (text.write_table: atomic, one run's)."""
+    header = ["query_id", "query", "rank", score_name, *(["probability"] if probs is not None else []), "id",
+              "question"]
+    table = ([qid, text, rank, f"{scores[q, rank - 1]:.6f}",
+              *([f"{probs[q, rank - 1]:.6f}"] if probs is not None else []), ids[r], texts[r]]
+             for q, (qid, text) in enumerate(zip(query_ids, queries))
+             for rank, r in enumerate(rows[q].tolist(), 1) if r >= 0)
+    write_table(path, header, table, rejects)
 
 
 def system_label(cfg, index):

@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cli import UserError, arg, parse_config, run
+from cli import arg, check_ranges, parse_config, run
+from data import check_out_file, check_writable
 from text import read_pairs
 
 KAGGLE_REUSE = 1 - 537_933 / 808_580   # share of question slots that reuse an earlier qid
 KAGGLE_POSITIVE = 149_263 / 404_290
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"rows": (lambda v: v >= 1, "at least 1"), "seed": (lambda v: 0 <= v <= 2 ** 32 - 1, f"in [0, {2 ** 32 - 1}]")}
 
 
 @dataclass
@@ -34,8 +37,9 @@ def main(argv=None):
 
 
 def synthesize(cfg):
-    if os.path.realpath(cfg.out) == os.path.realpath(cfg.source):
-        raise UserError(f"{cfg.out} is the source file: writing would destroy it", "pass another output path")
+    check_ranges(cfg, RANGES)
+    check_out_file(cfg.out, (cfg.source,), overwrite=True, example="synth.csv")  # never over its source
+    check_writable(cfg.out, "--out")
     pairs, _, _ = read_pairs(cfg.source)
     real = sorted(set(pairs["q1"]) | set(pairs["q2"]))
     split_real = [q.split() for q in real]
@@ -59,21 +63,28 @@ def synthesize(cfg):
         texts.append(" ".join(words))
         return len(texts)
 
-    with open(cfg.out, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "qid1", "qid2", "question1", "question2", "is_duplicate"])
-        for r in range(cfg.rows):
-            qids = []
-            for k in (2 * r, 2 * r + 1):
-                if reuse[k] and k > 0:  # an earlier slot's qid: popular questions get popular
-                    qid = int(slot_qid[int(pick[k] * k)])
-                else:
-                    qid = new_question(k)
-                slot_qid[k] = qid
-                qids.append(qid)
-            if qids[0] == qids[1]:
-                qids[1] = slot_qid[2 * r + 1] = new_question(2 * r + 1)
-            w.writerow([r, qids[0], qids[1], texts[qids[0] - 1], texts[qids[1] - 1], labels[r]])
+    tmp = f"{cfg.out}.tmp"  # renamed at the end: a half-written file is never taken for a whole one
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "qid1", "qid2", "question1", "question2", "is_duplicate"])
+            for r in range(cfg.rows):
+                qids = []
+                for k in (2 * r, 2 * r + 1):
+                    if reuse[k] and k > 0:  # an earlier slot's qid: popular questions get popular
+                        qid = int(slot_qid[int(pick[k] * k)])
+                    else:
+                        qid = new_question(k)
+                    slot_qid[k] = qid
+                    qids.append(qid)
+                if qids[0] == qids[1]:
+                    qids[1] = slot_qid[2 * r + 1] = new_question(2 * r + 1)
+                w.writerow([r, qids[0], qids[1], texts[qids[0] - 1], texts[qids[1] - 1], labels[r]])
+        os.replace(tmp, cfg.out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     print(f"wrote {cfg.out}: {cfg.rows:,} rows, {len(texts):,} distinct qids, "
           f"{labels.mean():.1%} positive")
 

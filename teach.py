@@ -15,6 +15,10 @@ never take part. Several --teacher checkpoints are averaged (an ensemble); each 
 trained on this folder, so none saw its validation or test pairs. The student's targets are these
 probabilities, never a label of the validation or test split.
 
+Every input is checked before any work (mining alone takes minutes): the data folder, each teacher
+(it loads, and was trained on --data_dir), the mining encoder's vocabulary (or the folder's texts for
+bm25), and that --out can be written.
+
 Writes --out (.npz: the training pairs, then the mined ones; the teacher's p(duplicate) of each;
 a record of the folder, teachers, mining and the teachers' validation metrics), at once.
 """
@@ -26,8 +30,15 @@ import numpy as np
 
 import distill
 import engine
-from cli import UserError, arg, parse_config, run
-from data import PairDataset, check_out_file, fingerprint
+from cli import UserError, arg, check_ranges, parse_config, run
+from data import PairDataset, check_out_file, check_writable, fingerprint
+
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"mine": (lambda v: v == -1 or v >= 0, "-1 (as many as the training pairs) or 0 or more"),
+          "k": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+          "num_workers": (lambda v: v >= 0, "0 or more"),
+          "seed": (lambda v: 0 <= v <= 2 ** 32 - 1, f"in [0, {2 ** 32 - 1}]")}
 
 
 @dataclass
@@ -58,26 +69,30 @@ def main(argv=None):
 def teach(cfg):
     check_config(cfg)
     rt = engine.setup_runtime(cfg.device, cfg.precision)
+    # --- every input, before any work
     train = PairDataset(cfg.data_dir, "train")  # (N, 3) q1, q2, label
     n_mine = len(train) if cfg.mine < 0 else cfg.mine
-
-    # --- mined pairs: training questions only
-    texts = None
-    if cfg.mine_by == "bm25" and n_mine:
+    teachers = distill.load_teachers(cfg.teacher, train)
+    miner, texts = None, None
+    if n_mine and cfg.mine_by == "encoder":
+        miner = distill.mining_encoder(train, cfg.encoder)
+    elif n_mine:
         from retrieval import data_folder_questions
         texts = data_folder_questions(cfg.data_dir).texts
-    mined = distill.mine_pairs(train, cfg.mine_by, cfg.k, n_mine, cfg.seed, rt, cfg.encoder, cfg.batch_size,
+
+    # --- mined pairs: training questions only
+    mined = distill.mine_pairs(train, cfg.mine_by, cfg.k, n_mine, cfg.seed, rt, miner, cfg.batch_size,
                                texts, cfg.shapes, cfg.compile) if n_mine else np.zeros((0, 3), np.int64)
     print(f"mined {len(mined):,} pairs among {len(distill.training_questions(train.pairs)):,} training "
           f"questions ({cfg.mine_by}, {cfg.k} neighbours each){'' if len(mined) == n_mine else f'; asked {n_mine:,}'}")
     pairs = np.concatenate([np.asarray(train.pairs, dtype=np.int64), mined])  # (M, 3)
 
     # --- the teacher's probabilities
-    probs, teachers = distill.teacher_probabilities(cfg.teacher, train, pairs, rt, cfg.batch_size, cfg.num_workers,
-                                                    cfg.shapes, cfg.compile)
+    probs, record = distill.teacher_probabilities(teachers, train, pairs, rt, cfg.batch_size, cfg.num_workers,
+                                                  cfg.shapes, cfg.compile)
     n = len(train)
     agree = float(((probs[:n] >= 0.5) == (train.labels == 1)).mean())
-    v = teachers["validation"]
+    v = record["validation"]
     print(f"teacher{'s (mean of ' + str(len(cfg.teacher)) + ')' if len(cfg.teacher) > 1 else ''} on validation: "
           f"accuracy {v['accuracy']:.4f}, F1 {v['f1']:.4f}, AP {v['average_precision']:.4f} | agrees with "
           f"{agree:.1%} of the training labels | calls {float((probs[n:] >= 0.5).mean()) if len(mined) else 0:.1%} "
@@ -86,20 +101,20 @@ def teach(cfg):
     distill.save_teacher_file(cfg.out, pairs, probs, {
         "data_dir": os.path.abspath(cfg.data_dir), "data_fingerprint": fingerprint(train.manifest),
         "train_pairs": n, "mined_pairs": len(mined), "config": asdict(cfg), "train_label_agreement": agree,
-        **teachers})
+        **record})
     print(f"wrote {cfg.out}: {len(pairs):,} pairs ({n:,} training + {len(mined):,} mined)")
 
 
 def check_config(cfg):
+    """Every flag checked, and the output place made safe, before any work."""
+    check_ranges(cfg, RANGES)
     if not cfg.teacher:
         raise UserError("no --teacher given", "pass --teacher out/cross8k/ckpt.pt (a checkpoint of train.py "
                         "trained on --data_dir)")
-    if cfg.k < 1 or cfg.batch_size < 1 or cfg.num_workers < 0:
-        raise UserError(f"--k {cfg.k} --batch_size {cfg.batch_size} --num_workers {cfg.num_workers}: out of range",
-                        "k and batch_size >= 1, num_workers >= 0")
     check_out_file(cfg.out, (cfg.data_dir, *cfg.teacher), cfg.overwrite, "runs/teacher.npz", make_folder=True)
     if not cfg.out.endswith(".npz"):
         raise UserError(f"--out {cfg.out}: a teacher file ends in .npz", f"e.g. --out {cfg.out}.npz")
+    check_writable(cfg.out, "--out")
 
 
 if __name__ == "__main__":

@@ -41,24 +41,29 @@ MAX_FIELD_CHARS = 2 ** 31 - 1
 
 def open_lines(path):
     """Decoded lines of a plain or gzipped UTF-8 file (BOM tolerated), one at a time, so that a bad
-    byte or a truncated archive is reported with its exact line number."""
+    byte or a truncated archive is reported with its exact line number. The file is opened once
+    (a pipe, such as bash's <(zcat f), is read as it comes); a UTF-16 file is named as such."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file", "pass the path to Kaggle's train.csv (or a CSV/TSV "
                         "of question pairs)")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, not a file", "pass the CSV/TSV file inside it")
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
     line_no = 0
     try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as raw:
-            for line_no, line in enumerate(raw, 1):
-                try:
-                    yield line.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{path}: line {line_no} is not valid UTF-8 ({e.reason} at byte "
-                                    f"{e.start})", "re-save the file as UTF-8, e.g. iconv -f latin1 "
-                                    "-t utf-8 in.csv > out.csv") from None
+        with open(path, "rb") as f:
+            gzipped = f.peek(2)[:2] == b"\x1f\x8b"  # peek: a pipe cannot be read twice
+            with (gzip.GzipFile(fileobj=f, mode="rb") if gzipped else f) as raw:
+                for line_no, line in enumerate(raw, 1):
+                    if line_no == 1 and (line.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in line):
+                        raise UserError(f"{path}: the file is UTF-16 (a BOM or NUL bytes in its first line), "
+                                        "not UTF-8", "re-save it as UTF-8, e.g. iconv -f utf-16 -t utf-8 "
+                                        "in.csv > out.csv")
+                    try:
+                        yield line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                    except UnicodeDecodeError as e:
+                        raise UserError(f"{path}: line {line_no} is not valid UTF-8 ({e.reason} at byte "
+                                        f"{e.start})", "re-save the file as UTF-8, e.g. iconv -f latin1 "
+                                        "-t utf-8 in.csv > out.csv") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise UserError(f"{path}: the gzip archive is truncated or corrupt after line {line_no} "
                         f"({type(e).__name__})", "download or copy the file again (gzip -t checks "
@@ -91,10 +96,15 @@ def read_header(path, lines, fix):
 
 
 def find_column(header, names, path, what):
-    """Index of the first of `names` in the header; None if absent and optional (what=None)."""
+    """Index of the first of `names` in the header; None if absent and optional (what=None). A
+    name the header holds twice is a UserError: which of the two is meant cannot be told."""
     lowered = [h.strip().lower() for h in header]
     for name in names:
         if name in lowered:
+            at = [i + 1 for i, h in enumerate(lowered) if h == name]
+            if len(at) > 1:
+                raise UserError(f"{path}: the header names the column '{name}' twice (columns "
+                                f"{' and '.join(map(str, at[:2]))})", "rename or remove one of them")
             return lowered.index(name)
     if what is None:
         return None
@@ -108,9 +118,10 @@ def read_pairs(path, require_label=True):
 
     Returns (pairs, rejects, rows_read): pairs is a dict of lists q1, q2, qid1, qid2 (None when the
     file has no qids), label (None when the file has no label column; NO_LABEL for an empty
-    label when not required), row (1-based data row number), id (the file's pair id column, None
-    when absent); rejects is a list of (row, line, reason) for rows that cannot be used. Without
-    require_label a label column is not read at all (a prediction needs none).
+    label when not required), row (1-based data row number), line (the file line where the row
+    starts), id (the file's pair id column, None when absent); rejects is a list of (row, line,
+    reason) for rows that cannot be used. Without require_label a label column is not read at all
+    (a prediction needs none).
     """
     lines = open_lines(path)
     delimiter, header = read_header(path, lines, "pass Kaggle's train.csv, which starts with the header "
@@ -126,7 +137,7 @@ def read_pairs(path, require_label=True):
 
     pairs = {"q1": [], "q2": [], "qid1": [] if has_qids else None,
              "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": [],
-             "id": [] if cid is not None else None}
+             "line": [], "id": [] if cid is not None else None}
     rejects = []
     reader = csv_reader(lines, delimiter)
     row_no, line = 0, 2  # line: the file line where the current row starts (header is line 1)
@@ -170,6 +181,7 @@ def read_pairs(path, require_label=True):
         if cl is not None:
             pairs["label"].append(int(label))
         pairs["row"].append(row_no)
+        pairs["line"].append(start)
         if cid is not None:
             pairs["id"].append(fields[cid].strip())
     if row_no == 0:
@@ -194,6 +206,33 @@ def write_rejects(path, rejects):
         f.write("row\tline\treason\n")
         for row, line, reason in rejects:
             f.write(f"{row}\t{line}\t{reason}\n")
+
+
+def write_table(path, header, rows, rejects):
+    """A CSV of results and, where input rows were rejected, <path>.rejects.tsv beside it (an earlier
+    run's is removed: the two files are always one run's). Both are written to temp files renamed
+    at the end, so an interrupted run leaves nothing half-written, and a failed write (a full
+    disk) removes its temp files."""
+    side = f"{path}.rejects.tsv"
+    tmp, tmp_side = f"{path}.tmp", f"{side}.tmp"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for row in rows:
+                w.writerow(row)
+        if rejects:
+            write_rejects(tmp_side, rejects)
+        os.replace(tmp, path)
+        if rejects:
+            os.replace(tmp_side, side)
+        elif os.path.exists(side):
+            os.remove(side)
+    except BaseException:
+        for t in (tmp, tmp_side):
+            if os.path.exists(t):
+                os.remove(t)
+        raise
 
 
 # ----------------------------------------------------------------------------- question files
@@ -283,6 +322,8 @@ def table_questions(path):
 def pair_file_questions(path, require_label=False):
     """The distinct questions of a pairs file in text.index_questions' order (a data folder's)."""
     pairs, rejects, rows_read = read_pairs(path, require_label=require_label)
+    pairs, conflicts = drop_qid_conflicts(pairs)  # as preprocess.py does: question i is the folder's
+    rejects = sorted(rejects + conflicts)
     q1, q2, texts, _ = index_questions(pairs)
     by_id = pairs["qid1"] is not None
     ids = [None] * len(texts)
@@ -335,6 +376,15 @@ def check_vocab(manifest, tok_hash, encoder, data_dir):
 
 # ----------------------------------------------------------------------------- tokenizing
 
+def unreadable(tok, tokens, offsets):
+    """(N,) bool: the texts tokens[offsets[i]:offsets[i+1]] made of [UNK] and special tokens only
+    (emoji, other scripts): the model sees nothing of them, so what it says of them means nothing."""
+    empty_ids = [i for i in (tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.bos_token_id,
+                             tok.eos_token_id) if i is not None]  # ids that carry no content
+    content = np.r_[0, np.cumsum(~np.isin(tokens, empty_ids))]  # content tokens before each position
+    return content[offsets[1:]] == content[offsets[:-1]]
+
+
 def tokenize(tok, texts, max_len, batch_size=16384):
     """Tokenize texts once, in large Rust batches: (tokens (T,), offsets (N+1,), n_truncated,
     n_unreadable). Text i is tokens[offsets[i]:offsets[i+1]], [CLS] ... [SEP] included; an
@@ -344,9 +394,6 @@ def tokenize(tok, texts, max_len, batch_size=16384):
     backend.enable_truncation(max_len)
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # skips char offsets
     dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.int32
-    # Ids that carry no content: a question made of these only (emoji, other scripts) is unreadable.
-    empty_ids = [i for i in (tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.bos_token_id,
-                             tok.eos_token_id) if i is not None]
     chunks, lengths, n_truncated, n_unreadable = [], [], 0, 0
     for start in range(0, len(texts), batch_size):
         # Encodings are heavy Python objects: turn each batch into one flat array right away.
@@ -355,9 +402,7 @@ def tokenize(tok, texts, max_len, batch_size=16384):
         n_truncated += sum(1 for e in encodings if e.overflowing)
         lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter((t for seq in ids for t in seq), dtype=dtype, count=int(lens.sum()))
-        content = np.r_[0, np.cumsum(~np.isin(flat, empty_ids))]  # content tokens before each position
-        ends = np.cumsum(lens)
-        n_unreadable += int((content[ends] == content[ends - lens]).sum())
+        n_unreadable += int(unreadable(tok, flat, np.r_[0, np.cumsum(lens)]).sum())
         lengths.append(lens)
         chunks.append(flat)
         del encodings, ids
@@ -391,21 +436,52 @@ def checkpoint_tokenizer(ckpt_path, data):
     return tok
 
 
+def qid_conflicts(pairs):
+    """Rows whose qid names another text than where that qid first occurs (file order: each row's
+    qid1, then its qid2): {row position: reason}. Such a row cannot be trusted (is its qid wrong, or
+    its text?), and keying its question by qid would pair a text it did not hold."""
+    if pairs["qid1"] is None:
+        return {}
+    first, bad = {}, {}
+    for i, (k1, k2, t1, t2) in enumerate(zip(pairs["qid1"], pairs["qid2"], pairs["q1"], pairs["q2"])):
+        for which, qid, question in (("qid1", k1, t1), ("qid2", k2, t2)):
+            text, row = first.setdefault(qid, (question, pairs["row"][i]))
+            if text != question and i not in bad:
+                bad[i] = f"{which} {qid} names another question in row {row}"
+    return bad
+
+
+def select_rows(pairs, keep):
+    """The pairs dict (read_pairs') of the rows at positions `keep`, in that order."""
+    return {k: None if v is None else [v[i] for i in keep] for k, v in pairs.items()}
+
+
+def drop_qid_conflicts(pairs):
+    """(pairs without the rows of qid_conflicts, those rows as rejects: (row, line, reason))."""
+    bad = qid_conflicts(pairs)
+    if not bad:
+        return pairs, []
+    kept = select_rows(pairs, [i for i in range(len(pairs["q1"])) if i not in bad])
+    return kept, [(pairs["row"][i], pairs["line"][i], reason) for i, reason in bad.items()]
+
+
 def index_questions(pairs):
     """One index per distinct question: by qid where the file has them, else by exact text.
     Returns (q1 (N,), q2 (N,) int64 question indices, texts of the questions, conflicts: qids
-    seen with another text; the first text is kept)."""
+    seen with more than one text). A question is keyed by (qid, text), so a row's index always
+    holds its own text; drop_qid_conflicts first leaves one text per qid, the order by qid alone."""
     by_qid = pairs["qid1"] is not None
     keys1, keys2 = (pairs["qid1"], pairs["qid2"]) if by_qid else (pairs["q1"], pairs["q2"])
-    index, texts, conflicts = {}, [], 0
+    index, texts, first_text, conflicted = {}, [], {}, set()
     q1, q2 = np.empty(len(keys1), np.int64), np.empty(len(keys2), np.int64)
     for col, keys, qtexts in ((q1, keys1, pairs["q1"]), (q2, keys2, pairs["q2"])):
         for i, (k, text) in enumerate(zip(keys, qtexts)):
-            j = index.get(k)
+            key = (k, text) if by_qid else k
+            j = index.get(key)
             if j is None:
-                j = index[k] = len(texts)
+                j = index[key] = len(texts)
                 texts.append(text)
-            elif by_qid and texts[j] != text:
-                conflicts += 1
+                if by_qid and first_text.setdefault(k, text) != text:
+                    conflicted.add(k)
             col[i] = j
-    return q1, q2, texts, conflicts
+    return q1, q2, texts, len(conflicted)

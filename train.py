@@ -28,7 +28,10 @@ Writes to --out_dir:
 
 --resume continues the run in --out_dir from its last.pt, with its saved config; flags that can
 change safely (more --epochs or --max_steps, intervals, workers, the data folder's path) apply and
-are named; any other flag that differs from the saved run is refused.
+are named; any other flag that differs from the saved run is refused. One run at a time holds
+--out_dir (a lock beside it, <out_dir>.lock): a second one is refused, naming the first one's pid.
+Ctrl-C or SIGTERM: the step finishes, last.pt is saved, and the exit code is 130 or 143, not 0, so
+`train.py && evaluate.py` stops there.
 """
 import json
 import math
@@ -36,19 +39,22 @@ import os
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Literal
 
+import numpy as np
 import torch
 
 import distill
 import engine
 import objectives
-from cli import UserError, arg, given_flags, parse_config, run
-from data import PairDataset, fingerprint, make_loader, shapes_of, to_device
-from metrics import compute_metrics, format_report
-from model import SAVED_BEFORE, ModelConfig, build_model, export_hf, load_checkpoint, save_checkpoint
+from cli import UserError, arg, check_ranges, given_flags, interval, parse_config, run
+from data import FolderLock, PairDataset, check_writable, fingerprint, make_loader, shapes_of, to_device
+from metrics import compute_metrics, format_report, json_safe
+from model import (SAVED_BEFORE, ModelConfig, build_model, check_positions, export_hf, load_checkpoint,
+                   save_checkpoint)
 from objectives import Objective
 from hub import load_tokenizer
 from text import check_vocab, file_sha256, vocab_hash
@@ -59,6 +65,15 @@ LOWER_IS_BETTER = ("log_loss",)
 # on, not what it computes up to now.
 RESUME_MAY_CHANGE = {"out_dir", "data_dir", "resume", "epochs", "max_steps", "eval_every_steps",
                      "save_every_steps", "log_every_steps", "early_stopping_patience", "num_workers"}
+# Every numeric flag's range ("[" and "]" include the end, "(" and ")" leave it out); check_config
+# refuses the rest, NaN included. The seed seeds numpy too, which takes 0 .. 2**32 - 1.
+RANGES = {name: interval(spec) for name, spec in {
+          "hidden": "[1, inf)", "dropout": "[0, 1)", "cosine_prior": "[0, inf)", "cosine_shift": "[-1, 1]",
+          "aux_weight": "(0, inf)", "mnrl_scale": "(0, inf)", "contrastive_margin": "(0, 2]",
+          "epochs": "[1, inf)", "batch_size": "[1, inf)", "grad_accum_steps": "[1, inf)", "max_steps": "[0, inf)",
+          "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_ratio": "[0, 1]", "clip": "(0, inf)",
+          "seed": f"[0, {2 ** 32 - 1}]", "eval_every_steps": "[0, inf)", "early_stopping_patience": "[0, inf)",
+          "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)", "num_workers": "[0, inf)"}.items()}
 
 
 @dataclass
@@ -123,14 +138,33 @@ class TrainConfig:
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, __doc__)
-    run(train, cfg, given_flags(TrainConfig, argv))
+    try:
+        run(train, cfg, given_flags(TrainConfig, argv))
+    except Stopped as e:  # last.pt saved and everything closed; not 0, so `train.py && ...` stops here
+        sys.exit(e.exit_code)
+
+
+class Stopped(Exception):
+    """A signal stopped the run; it has saved last.pt and cleaned up. main exits with exit_code."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by signal {signum}")
+        self.exit_code = engine.StopSignal.exit_code(signum)
 
 
 def train(cfg, given=()):
+    """Every flag and the output place checked, then the run, holding --out_dir for its life."""
     check_config(cfg)
+    check_output(cfg.out_dir)
     rt = engine.setup_runtime(cfg.device, cfg.precision, distributed=True)
+    with ExitStack() as held:  # the lock and the signal handlers go back however the run ends
+        hold_out_dir(held, cfg.out_dir, rt)
+        return fit(cfg, set(given), rt, held)
+
+
+def fit(cfg, given, rt, held):
     say = print if rt.master else (lambda *a, **k: None)
-    cfg, state = start_or_resume(cfg, set(given), rt, say)
+    cfg, state = start_or_resume(cfg, given, rt, say)
     engine.seed_everything(cfg.seed)
 
     # --- data; the tokenizer must be the one the data was made with
@@ -139,6 +173,7 @@ def train(cfg, given=()):
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise UserError(f"{cfg.data_dir}: the train or validation split is empty",
                         "re-run preprocess.py with --val_frac > 0")
+    check_validation_classes(val_ds, cfg, say)
     data_info = data_record(manifest, cfg.data_dir)
     teacher_probs = None
     if cfg.teacher_file:  # the training pairs, then the mined ones; the teacher's p(duplicate) of each
@@ -151,6 +186,8 @@ def train(cfg, given=()):
                         "pass its --data_dir and --teacher_file, or start a new run in another --out_dir")
     tokenizer = load_tokenizer(cfg.encoder)
     check_vocab(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
+    model_cfg = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)})
+    check_positions(model_cfg, manifest["max_len"], cfg.data_dir)  # before a run that would fail on a long question
     packed = engine.batch_layout(rt, cfg.shapes)
     objective = Objective(**{f.name: getattr(cfg, f.name) for f in fields(Objective)})
     train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -158,8 +195,7 @@ def train(cfg, given=()):
                                         rank=rt.rank, num_workers=cfg.num_workers, pin_memory=rt.cuda, packed=packed)
 
     # --- model, optimizer, schedule; restored from last.pt on --resume
-    raw_model = build_model(ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)
-                                           if hasattr(cfg, f.name)}))
+    raw_model = build_model(model_cfg)
     raw_model.to(rt.device)
     compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
     model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
@@ -196,7 +232,7 @@ def train(cfg, given=()):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rt.master:
         trim_metrics(metrics_path, progress["step"], say)  # lines a killed run wrote after last.pt
-    stop, stop_reason, shapes = engine.StopSignal(rt), None, set()
+    stop, stop_reason, shapes = held.enter_context(engine.StopSignal(rt)), None, set()
     log = Log(cfg, rt, total_steps, progress["step"], say)
     model.train()
     while progress["step"] < total_steps and stop_reason is None:
@@ -228,26 +264,32 @@ def train(cfg, given=()):
                 model.train()
             if end_of_epoch:
                 progress["epoch"], progress["batches_done"] = progress["epoch"] + 1, 0
-            interrupted = stop()  # the same answer on every process
+            interrupted = stop()  # the signal's number (0: none), the same on every process
             if rt.master and (interrupted or stop_reason or eval_now or end_of_epoch or step == total_steps or
                               (cfg.save_every_steps and step % cfg.save_every_steps == 0)):
                 save_last()
             if interrupted:
-                stop_reason = f"stopped by {stop.describe()}: saved {cfg.out_dir}/last.pt; continue with --resume"
+                stop_reason = f"stopped by signal {interrupted}: saved {cfg.out_dir}/last.pt; continue with --resume"
             if stop_reason or end_of_epoch:
                 break
     log.close()
+    signum = stop()  # also a signal after the last step's check (every process asks once more)
     stop.close()
     say(f"batch shapes seen by the encoder: {len(shapes)} distinct")
     if stop_reason:
         say(stop_reason)
+    elif signum:
+        say(f"stopped by signal {signum} after the last step (saved in {cfg.out_dir}/last.pt): the test pass "
+            "did not run; --resume runs it")
     if rt.world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # rank 0 has saved before any process leaves
     test_metrics = None
-    if not stop.signals and rt.master:
+    if not signum and rt.master:
         test_metrics = test_best(ctx)
     if rt.world > 1:
         torch.distributed.destroy_process_group()
+    if signum:
+        raise Stopped(signum)
     return test_metrics
 
 
@@ -269,24 +311,7 @@ class Run:
 
 def check_config(cfg):
     """Every flag checked before any work."""
-    for name in ("epochs", "batch_size", "grad_accum_steps", "log_every_steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be at least 1", f"e.g. --{name} "
-                            f"{getattr(TrainConfig, name)}")
-    for name in ("max_steps", "eval_every_steps", "save_every_steps", "early_stopping_patience",
-                 "num_workers"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be 0 or more", f"e.g. --{name} 0")
-    if cfg.lr <= 0 or cfg.clip <= 0 or not 0 <= cfg.warmup_ratio <= 1 or not 0 <= cfg.dropout < 1:
-        raise UserError(f"--lr {cfg.lr} --clip {cfg.clip} --warmup_ratio {cfg.warmup_ratio} --dropout "
-                        f"{cfg.dropout}: out of range", "lr and clip > 0, warmup_ratio in [0, 1], dropout in [0, 1)")
-    if cfg.aux_weight <= 0 or cfg.mnrl_scale <= 0 or not 0 < cfg.contrastive_margin <= 2:
-        raise UserError(f"--aux_weight {cfg.aux_weight} --mnrl_scale {cfg.mnrl_scale} --contrastive_margin "
-                        f"{cfg.contrastive_margin}: out of range", "aux_weight and mnrl_scale > 0, "
-                        "contrastive_margin in (0, 2] (1 - cosine lies in [0, 2])")
-    if cfg.cosine_prior < 0 or not -1 <= cfg.cosine_shift <= 1:
-        raise UserError(f"--cosine_prior {cfg.cosine_prior} --cosine_shift {cfg.cosine_shift}: out of range",
-                        "cosine_prior >= 0 (0: off), cosine_shift in [-1, 1] (a cosine)")
+    check_ranges(cfg, RANGES)
     if cfg.arch == "cross" and (set(cfg.loss.split("+")) - {"ce", "distill"} or cfg.both_orders):
         raise UserError(f"--loss {cfg.loss}{' --both_orders' if cfg.both_orders else ''} with --arch cross: a "
                         "cross-encoder has no vector per question and reads one order", "use them with "
@@ -300,13 +325,49 @@ def check_config(cfg):
                         "pick one")
 
 
+def check_output(out_dir):
+    """--out_dir can be written (a folder, or a new one where folders can be made), before any work."""
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path")
+    check_writable(out_dir)
+
+
+def hold_out_dir(held, out_dir, rt):
+    """One run per out_dir: the master process takes its lock (data.FolderLock) before anything in
+    it is read, deleted or written, and `held` keeps it for the run's life; under DDP the others
+    share the run, wait here until the lock is held, and leave too when another run holds it
+    (rank 0 says why, in one line)."""
+    refused = None
+    if rt.master:
+        try:
+            held.enter_context(FolderLock(out_dir))
+        except UserError as e:
+            refused = e
+    if engine.all_sum([float(refused is not None)], rt)[0]:  # one collective: every process agrees
+        if refused:
+            raise refused
+        sys.exit(2)
+
+
+def check_validation_classes(val_ds, cfg, say):
+    """One class in the validation labels: ROC-AUC and average precision are undefined (null in
+    metrics.jsonl), so they cannot pick checkpoints; the other metrics still can. Said once."""
+    classes = np.unique(val_ds.labels)
+    if len(classes) > 1:
+        return
+    if cfg.metric_for_best in ("roc_auc", "average_precision"):
+        raise UserError(f"--metric_for_best {cfg.metric_for_best}: the validation split of {cfg.data_dir} has one "
+                        f"class (every label {classes[0]}), so it is undefined", "use --metric_for_best accuracy "
+                        "or log_loss, or re-run preprocess.py on data with both classes")
+    say(f"warning: the validation split of {cfg.data_dir} has one class (every label {classes[0]}): ROC-AUC and "
+        "average precision are undefined (null in metrics.jsonl)")
+
+
 def start_or_resume(cfg, given, rt, say):
     """(config, saved state or None). A new run needs an out_dir without an earlier run (or
     --overwrite_output_dir, which deletes it); --resume takes the saved config, applies the flags
     that may change, and refuses the ones that may not."""
     last_path = os.path.join(cfg.out_dir, "last.pt")
-    if os.path.isfile(cfg.out_dir):
-        raise UserError(f"--out_dir {cfg.out_dir} is a file", "pass a folder path")
     if not cfg.resume:
         earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
         if earlier and not cfg.overwrite_output_dir:
@@ -436,7 +497,7 @@ def validate(ctx, val_loader, val_ds):
                   **{k: round(m[k], 5) for k in ("accuracy", "f1", "precision", "recall", "roc_auc",
                                                  "average_precision")}}
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")  # undefined (NaN) -> null: still JSON
         ctx.say(f"eval step {step}: val loss {m['log_loss']:.4f} | accuracy {m['accuracy']:.4f} | "
                 f"f1 {m['f1']:.4f} | auc {m['roc_auc']:.4f}{' | best so far' if improved else ''}", flush=True)
         if improved:
@@ -488,7 +549,7 @@ def test_best(ctx):
     test_metrics = compute_metrics(test_ds.labels, probs)
     ctx.say(format_report(test_metrics, f"Evaluating the best checkpoint ({cfg.out_dir}/ckpt.pt) on the test split"))
     with open(os.path.join(cfg.out_dir, "test_results.json"), "w") as f:
-        json.dump(test_metrics, f, indent=1)
+        json.dump(json_safe(test_metrics), f, indent=1)
     return test_metrics
 
 

@@ -15,7 +15,7 @@ import predict
 import preprocess
 from conftest import synthetic_rows, write_csv
 from data import PairDataset, load_manifest
-from test_evaluate import make_checkpoint
+from test_evaluate import csv_results_dir, make_checkpoint
 
 
 def fails(entry, argv, capsys):
@@ -81,15 +81,15 @@ def test_predict_reads_no_label_column(ckpt, tmp_path, capsys):
 # ----------------------------------------------------------------------------- evaluate.py
 
 def test_evaluate_of_a_csv_keeps_the_split_results(ckpt, tmp_path, capsys):
-    """evaluate --csv test.csv writes to eval_csv_test/, never over the test split's eval_test/
-    (whose results.json predict.py --threshold_from reads)."""
+    """evaluate --csv test.csv writes to eval_csv_test_<hash>/, never over the test split's
+    eval_test/ (whose results.json predict.py --threshold_from reads)."""
     evaluate.main([ckpt])
     capsys.readouterr()
     split_results = tmp_path / "run" / "eval_test" / "results.json"
     before = split_results.read_text()
     evaluate.main([ckpt, "--csv", write_csv(tmp_path / "test.csv", synthetic_rows(30, seed=4))])
     assert split_results.read_text() == before
-    assert (tmp_path / "run" / "eval_csv_test" / "results.json").exists()
+    assert os.path.exists(os.path.join(csv_results_dir(tmp_path / "run", "test"), "results.json"))
 
 
 @pytest.mark.parametrize("argv,message", [(["--batch_size", "0"], "--batch_size 0"),

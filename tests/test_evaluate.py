@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,13 @@ def make_checkpoint(path, data_dir, arch="siamese", encoder_config=TINY_BERT):
 @pytest.fixture
 def ckpt(tmp_path, tiny_data):
     return make_checkpoint(tmp_path / "run" / "ckpt.pt", tiny_data)
+
+
+def csv_results_dir(run_dir, stem):
+    """evaluate --csv's default folder: eval_csv_<stem>_<hash of the file's content>, the only one."""
+    found = [d for d in os.listdir(run_dir) if d.startswith(f"eval_csv_{stem}_")]
+    assert len(found) == 1, found
+    return os.path.join(run_dir, found[0])
 
 
 def read_results(out_dir):
@@ -145,7 +153,7 @@ def test_evaluate_raw_csv_counts_rejects(ckpt, tmp_path):
     bad = [[900, 1, 2, "", "Why?", 1], [901, 3, 4, "How do I learn chess?", "Chess tips?", "x"]]
     path = write_csv(tmp_path / "mine.csv", rows[:10] + bad + rows[10:])
     evaluate.main([ckpt, "--csv", path])
-    out = tmp_path / "run" / "eval_csv_mine"  # one folder per input: never the test split's eval_test
+    out = Path(csv_results_dir(tmp_path / "run", "mine"))  # one folder per input: never the test split's eval_test
     r = read_results(out)
     assert r["rows_read"] == 32 and r["rows_rejected"] == 2
     assert r["results"]["mine"]["n"] == 30

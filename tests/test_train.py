@@ -119,10 +119,13 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_data, tiny_bert_d
     assert open(os.path.join(cut, "metrics.jsonl")).read() == full_log
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_data, tiny_bert_dir):
+def test_sigterm_saves_and_exits_143_and_a_second_run_is_refused(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """While a run goes on, a second run into its --out_dir is refused, naming the first one's pid;
+    SIGTERM then stops the first cleanly: last.pt saved, exit code 143 (128 + 15), as the shell
+    reports a process ended by SIGTERM, so `train && evaluate` does not go on."""
     out = str(tmp_path / "out")
-    proc = subprocess.Popen([sys.executable, "train.py", "--data_dir", tiny_data, "--encoder", tiny_bert_dir,
-                             *FAST, "--epochs", "50", "--out_dir", out], cwd=ROOT,
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", out]
+    proc = subprocess.Popen([sys.executable, "train.py", *common, "--epochs", "50"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -130,12 +133,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_data, tiny_bert_dir):
                 os.path.join(out, "metrics.jsonl")) else ""):
             break
         time.sleep(0.2)
+    for extra in ([], ["--overwrite_output_dir"], ["--resume"]):
+        code, _, err = train_here([*common, *extra], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"is in use by another run (pid {proc.pid}" in err, err
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "continue with --resume" in stdout
     assert "Traceback" not in stderr
     assert load_checkpoint(os.path.join(out, "last.pt"))["step"] > 0
+    assert not os.path.exists(os.path.join(out, "test_results.json"))
 
 
 def test_ddp_two_processes_match_single_process(tmp_path, tiny_data):
@@ -173,8 +181,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_data, tiny_be
 @pytest.mark.parametrize("args,message", [
     (["--data_dir", "/nonexistent"], "error: /nonexistent: no manifest.json, so not a folder preprocess.py wrote"),
     (["--resume"], "/last.pt does not exist. Fix: run without --resume"),
-    (["--bs", "0"], "error: --batch_size 0: must be at least 1"),
-    (["--grad_accum_steps", "0"], "error: --grad_accum_steps 0: must be at least 1"),
+    (["--bs", "0"], "error: --batch_size 0: out of range, must be at least 1"),
+    (["--grad_accum_steps", "0"], "error: --grad_accum_steps 0: out of range, must be at least 1"),
     (["--device", "nonsense"], "error: --device nonsense: not a device"),
     (["--encoder", "/no/such/model"], "omit --encoder to use the bundled offline"),
 ])
@@ -305,7 +313,7 @@ def test_a_torn_metrics_line_does_not_block_resume(tmp_path, tiny_data, tiny_ber
 
 def test_ddp_processes_agree_on_stopping(tmp_path, tiny_data, tiny_bert_dir):
     """SIGTERM to one of two torchrun processes: both leave the loop after the same step, save once
-    and exit cleanly (a process leaving alone would hang the other in its next all-reduce)."""
+    and exit 143 (a process leaving alone would hang the other in its next all-reduce)."""
     out = str(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29519", "train.py", "--data_dir", tiny_data, "--encoder",
@@ -319,7 +327,10 @@ def test_ddp_processes_agree_on_stopping(tmp_path, tiny_data, tiny_bert_dir):
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGTERM)  # one worker only
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    # Both workers save (rank 0), then exit 143 (128 + SIGTERM); torchrun reports the failure.
+    assert proc.returncode != 0, stderr[-3000:]
+    assert re.findall(r"exitcode\s*:\s*(-?\d+)", stderr) and \
+        set(re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)) <= {"143", "-15"}, stderr[-3000:]
     assert "continue with --resume" in stdout
     assert load_checkpoint(os.path.join(out, "last.pt"))["step"] > 0
 

@@ -1,0 +1,341 @@
+"""preprocess.py on bad output places and bad inputs: it never deletes what it did not write, two
+runs never mix in one folder, a reused qid never swaps a question, an unwritable place or an
+interruption leaves no temp folder, a --max_len the encoder cannot take is refused up front, and
+odd files (UTF-16, repeated column names, pipes) are read or refused in one line.
+
+Every pairs file here is invented (conftest.synthetic_rows)."""
+import collections
+import csv
+import errno
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import data
+import preprocess
+import retrieval
+import text
+from cli import UserError
+from conftest import ROOT, synthetic_rows, write_csv
+from hub import BUNDLED_MODEL, load_tokenizer, resolve_model
+
+
+def fails(argv, capsys):
+    """preprocess.main must exit 2 with one error line; returns the line."""
+    with pytest.raises(SystemExit) as e:
+        preprocess.main([str(a) for a in argv])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and ". Fix: " in lines[0], lines
+    return lines[0]
+
+
+def build(src, out, *options):
+    preprocess.main([str(src), "--out_dir", str(out), "--max_len", "32", *map(str, options)])
+    with open(os.path.join(out, "manifest.json")) as f:
+        return json.load(f)
+
+
+def leftovers(folder):
+    """Temp folders, old copies and lock files a run may leave beside its --out_dir."""
+    return sorted(n for n in os.listdir(folder) if ".tmp-" in n or ".old-" in n or n.endswith(".lock"))
+
+
+def snapshot(folder):
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+@pytest.fixture
+def src(tmp_path):
+    return write_csv(tmp_path / "rows.csv", synthetic_rows(60))
+
+
+@pytest.fixture
+def tok():
+    return load_tokenizer(BUNDLED_MODEL)
+
+
+# ----------------------------------------------------------------------------- 1. whose folder
+
+def test_input_inside_the_out_dir_is_refused_and_kept(src, tmp_path, capsys):
+    """`cp rows.csv d/mine.csv; preprocess.py d/mine.csv --out_dir d` once deleted mine.csv."""
+    d = tmp_path / "d"
+    build(src, d)
+    shutil.copy(src, d / "mine.csv")
+    before = snapshot(d)
+    assert "input" in fails([d / "mine.csv", "--out_dir", d, "--seed", 1], capsys)
+    assert snapshot(d) == before and leftovers(tmp_path) == []
+
+
+def test_a_data_folder_holding_other_files_is_refused(src, tmp_path, capsys):
+    d = tmp_path / "d"
+    build(src, d)
+    (d / "notes.txt").write_text("mine")
+    line = fails([src, "--out_dir", d, "--seed", 1], capsys)
+    assert "notes.txt" in line
+    assert (d / "notes.txt").read_text() == "mine"
+
+
+def test_an_index_folder_is_not_replaced_by_a_data_folder(src, tmp_path, capsys):
+    """A folder whose manifest.json is index.py's (or anything's but ours) is not ours."""
+    idx = str(tmp_path / "idx")
+    retrieval.write_index(idx, np.eye(3, 4), np.ones(3), ["1", "2", "3"], ["a?", "b?", "c?"], {"sources": []})
+    before = snapshot(idx)
+    line = fails([src, "--out_dir", idx], capsys)
+    assert "not a data folder" in line and retrieval.INDEX_FORMAT in line
+    assert snapshot(idx) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"name": "my project"}))
+    assert "not a data folder" in fails([src, "--out_dir", other], capsys)
+    assert os.listdir(other) == ["manifest.json"]
+
+
+def test_a_data_folder_says_what_it_is_and_older_ones_are_still_ours(src, tmp_path, capsys):
+    """The manifest carries an explicit marker; a folder written before it (format_version only)
+    is still rebuilt."""
+    d = tmp_path / "d"
+    m = build(src, d)
+    assert m["format"] == preprocess.DATA_FORMAT
+    del m["format"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert build(src, d, "--seed", 1)["format"] == preprocess.DATA_FORMAT
+
+
+# ----------------------------------------------------------------------------- 2. one run at a time
+
+def test_a_second_run_into_a_folder_in_use_is_refused(src, tmp_path, capsys):
+    out = tmp_path / "prep"
+    with data.FolderLock(str(out)):
+        line = fails([src, "--out_dir", out], capsys)
+    assert f"pid {os.getpid()}" in line and not out.exists()
+    build(src, out)  # the lock is gone with its holder
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- 3. reused qids
+
+def test_a_reused_qid_never_swaps_a_question(tmp_path, tok, capsys):
+    """Ten rows whose qid2 is an earlier qid of another text are rejected, listed in rejects.tsv
+    and conflicts.tsv, and no split pairs a text the row did not hold."""
+    rows = synthetic_rows(80)
+    qid, qtext = rows[0][1], rows[0][3]
+    changed = [i for i in range(20, 80) if rows[i][4] != qtext][:10]
+    for i in changed:
+        rows[i][2] = qid
+    src = write_csv(tmp_path / "rows.csv", rows)
+    out = tmp_path / "prep"
+    m = build(src, out)
+    printed = capsys.readouterr().out
+    c = m["counts"]
+    assert (c["qid_text_conflicts"], c["rows_rejected"], c["pairs_kept"]) == (10, 10, 70)
+    assert "kept as in the file: qid" not in printed and "qid" in printed
+
+    bad_rows = {i + 1 for i in changed}
+    with open(out / "rejects.tsv", encoding="utf-8") as f:
+        rejects = list(csv.reader(f, delimiter="\t"))[1:]
+    assert {int(r[0]) for r in rejects} == bad_rows
+    assert all(f"qid2 {qid}" in r[2] and "row 1" in r[2] for r in rejects)
+    with open(out / "conflicts.tsv", encoding="utf-8") as f:
+        conflicts = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert {int(r[0]) for r in conflicts[1:]} == bad_rows
+    assert all(r[2] == rows[int(r[0]) - 1][4] for r in conflicts[1:])  # the row's own text
+
+    # Every pair in the folder is a kept row, with the texts that row held.
+    tokens, offsets = np.load(out / "tokens.npy"), np.load(out / "offsets.npy")
+    decoded = ["".join(tok.decode(tokens[a:b], skip_special_tokens=True).split())
+               for a, b in zip(offsets[:-1], offsets[1:])]
+    squash = lambda s: "".join(s.lower().split())  # noqa: E731
+    in_folder = collections.Counter((decoded[a], decoded[b], int(y)) for s in data.SPLITS
+                                    for a, b, y in np.load(out / f"{s}.npy").tolist())
+    kept = [r for n, r in enumerate(rows, 1) if n not in bad_rows]
+    assert in_folder == collections.Counter((squash(r[3]), squash(r[4]), int(r[5])) for r in kept)
+
+    # retrieval's contract: the source re-read gives the folder's questions, in its order.
+    qs = text.pair_file_questions(src, require_label=True)
+    assert len(qs.texts) == c["questions"] and [squash(t) for t in qs.texts] == decoded
+    assert len(set(qs.ids)) == len(qs.ids) and {r[0] for r in qs.rejects} == bad_rows
+
+
+def test_index_questions_never_gives_a_row_another_text():
+    pairs = {"qid1": ["1", "2"], "qid2": ["3", "1"], "q1": ["A?", "B?"], "q2": ["C?", "D?"]}
+    q1, q2, texts, conflicts = text.index_questions(pairs)
+    assert [texts[i] for i in q1] == ["A?", "B?"] and [texts[i] for i in q2] == ["C?", "D?"]
+    assert conflicts == 1
+
+
+# ----------------------------------------------------------------------------- 4. unwritable output
+
+def test_out_dir_under_a_file_is_one_line(src, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert "is a file" in fails([src, "--out_dir", tmp_path / "notes.txt" / "prep"], capsys)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_read_only_place_is_refused_before_any_work(src, tmp_path, capsys, monkeypatch):
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def no_work(*a, **k):
+        raise AssertionError("the input was read before the output place was checked")
+
+    monkeypatch.setattr(data.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(text, "read_pairs", no_work)
+    assert "not writable (Read-only file system)" in fails([src, "--out_dir", tmp_path / "prep"], capsys)
+
+
+def test_disk_full_while_writing_leaves_no_temp_folder(src, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of writing: one line, exit 2, the temp folder gone, the earlier folder
+    as it was."""
+    out = tmp_path / "prep"
+    build(src, out)
+    before = snapshot(out)
+    capsys.readouterr()
+    real_save, calls = np.save, []
+
+    def save_then_fill_the_disk(path, arr, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", save_then_fill_the_disk)
+    line = fails([src, "--out_dir", out, "--max_len", 32, "--seed", 1], capsys)
+    assert "No space left on device" in line and len(calls) == 2
+    assert leftovers(tmp_path) == [] and snapshot(out) == before
+
+
+SLOW_WRITE = """
+import sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+import preprocess
+real_save = np.save
+def save_and_wait(path, arr, *a, **k):
+    real_save(path, arr, *a, **k)
+    open({marker!r}, "w").close()
+    time.sleep(120)
+np.save = save_and_wait
+preprocess.main([{src!r}, "--out_dir", {out!r}, "--max_len", "32"])
+"""
+
+
+def test_sigterm_or_ctrl_c_while_writing_leaves_no_temp_folder(src, tmp_path):
+    """SIGTERM (exit 143) or SIGINT (exit 130) while the temp folder is half written: it is removed,
+    so is the lock, and the error is one line. Both runs go at once (each imports transformers)."""
+    procs = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        folder = tmp_path / sig.name
+        folder.mkdir()
+        marker = str(folder / "writing")
+        code = SLOW_WRITE.format(root=ROOT, marker=marker, src=src, out=str(folder / "prep"))
+        procs[sig] = (folder, marker, subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                                       stderr=subprocess.PIPE, text=True))
+    for sig, (folder, marker, p) in procs.items():
+        deadline = time.time() + 120
+        while not os.path.exists(marker) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(marker), p.communicate()[1]
+        assert any(".tmp-" in n for n in os.listdir(folder))  # caught in the middle of writing
+        p.send_signal(sig)
+    for sig, (folder, marker, p) in procs.items():
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 128 + sig, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and sig.name in lines[0], err
+        assert leftovers(folder) == [] and not (folder / "prep").exists()
+
+
+# ----------------------------------------------------------------------------- 5. --max_len
+
+def test_max_len_over_what_the_encoder_takes_is_refused_up_front(src, tmp_path, capsys, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    def no_work(*a, **k):
+        raise AssertionError("the input was read before --max_len was checked")
+
+    monkeypatch.setattr(text, "read_pairs", no_work)
+    line = fails([src, "--out_dir", tmp_path / "a", "--max_len", 2000], capsys)
+    assert "--max_len 2000" in line and "512" in line
+    short = tmp_path / "short_positions"  # an encoder whose positions end before its tokenizer's limit
+    AutoTokenizer.from_pretrained(resolve_model(BUNDLED_MODEL)).save_pretrained(short)
+    AutoConfig.for_model("bert", max_position_embeddings=64).save_pretrained(short)
+    line = fails([src, "--out_dir", tmp_path / "b", "--max_len", 100, "--encoder", short], capsys)
+    assert "64" in line and "max_position_embeddings" in line
+    monkeypatch.undo()
+    build(src, tmp_path / "c", "--encoder", short)  # within both limits: no complaint
+    no_config = tmp_path / "tokenizer_only"  # nothing says its positions: only the tokenizer's limit
+    AutoTokenizer.from_pretrained(resolve_model(BUNDLED_MODEL)).save_pretrained(no_config)
+    preprocess.main([src, "--out_dir", str(tmp_path / "d"), "--max_len", "100", "--encoder", str(no_config)])
+
+
+# ----------------------------------------------------------------------------- 6. odd files
+
+HEADER = "id,qid1,qid2,question1,question2,is_duplicate\n"
+ROWS = "".join(f"{i},{2 * i + 1},{2 * i + 2},How do I learn item {i}?,What is item {i}?,{i % 2}\n"
+               for i in range(30))
+
+
+@pytest.mark.parametrize("kind", ["utf-16", "utf-16-le-no-bom", "utf-16.gz"])
+def test_a_utf16_file_asks_for_iconv_from_utf16(tmp_path, kind):
+    raw = (HEADER + ROWS).encode("utf-16" if kind != "utf-16-le-no-bom" else "utf-16-le")
+    path = tmp_path / f"pairs.{kind}.csv"
+    path.write_bytes(gzip.compress(raw) if kind.endswith(".gz") else raw)
+    with pytest.raises(UserError) as e:
+        text.read_pairs(str(path))
+    assert "UTF-16" in str(e.value) and "iconv -f utf-16" in str(e.value) and "latin1" not in str(e.value)
+
+
+@pytest.mark.parametrize("header", ["id,question1,question2,question1,is_duplicate",
+                                    "question1,question2,is_duplicate,Is_Duplicate",
+                                    "qid1,qid2,qid1,question1,question2,label"])
+def test_a_column_named_twice_is_one_line(tmp_path, header):
+    n = header.count(",") + 1
+    path = tmp_path / "pairs.csv"
+    path.write_text(header + "\n" + ",".join(["1"] * (n - 3) + ["Why?", "How?", "1"]) + "\n")
+    twice = collections.Counter(h.lower() for h in header.split(",")).most_common(1)[0][0]
+    with pytest.raises(UserError) as e:
+        text.read_pairs(str(path))
+    assert f"'{twice}'" in str(e.value) and "twice" in str(e.value) and "\n" not in str(e.value)
+
+
+def pipe_of(content):
+    """A /dev/fd path of a pipe holding content (as `<(cat f)` gives): small enough for its buffer."""
+    r, w = os.pipe()
+    os.write(w, content)
+    os.close(w)
+    return r, f"/dev/fd/{r}"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_pipe_is_read_once(tmp_path, gz):
+    content = (HEADER + ROWS).encode()
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(content)
+    r, pipe = pipe_of(gzip.compress(content) if gz else content)
+    try:
+        assert text.read_pairs(pipe) == text.read_pairs(str(path))
+    finally:
+        os.close(r)
+
+
+def test_preprocess_reads_a_pipe_and_never_reuses_its_folder(src, tmp_path, capsys):
+    content = open(src, "rb").read()
+    out = tmp_path / "prep"
+    for _ in range(2):
+        r, pipe = pipe_of(content)
+        try:
+            m = build(pipe, out)
+        finally:
+            os.close(r)
+        assert "up to date" not in capsys.readouterr().out
+        assert m["source_sha256"] is None and m["counts"]["rows_read"] == 60
+    assert m["counts"] == build(src, tmp_path / "from_file")["counts"]
