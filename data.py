@@ -27,6 +27,7 @@
 import json
 import os
 import shutil
+import signal
 import tempfile
 
 import numpy as np
@@ -562,6 +563,15 @@ def to_device(batch, device):
     return batch
 
 
+def leave_signals_to_main(worker_id):
+    """A DataLoader worker ignores Ctrl-C and SIGTERM: sent to the whole process group (a terminal,
+    timeout, a batch scheduler), they would kill it under the training process, which then fails
+    mid-save instead of finishing its step, saving and exiting (engine.StopSignal); the loader
+    shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, layout, batch_size, *, shuffle, seed=0, num_replicas=1, rank=0,
                 num_workers=0, pin_memory=False, chunks=2, packed=False, max_len=None, question_keys=False):
     """A DataLoader over a dataset (a split's pairs, or QuestionDataset's questions with layout
@@ -581,7 +591,7 @@ def make_loader(dataset, layout, batch_size, *, shuffle, seed=0, num_replicas=1,
                        batch_size=batch_size, row_len=row_len, question_keys=question_keys)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=num_workers, pin_memory=pin_memory,
-                                         persistent_workers=num_workers > 0,
+                                         persistent_workers=num_workers > 0, worker_init_fn=leave_signals_to_main,
                                          # Its own generator: creating an iterator draws a worker
                                          # seed, which must not move the global RNG (exact resume).
                                          generator=torch.Generator().manual_seed(seed))

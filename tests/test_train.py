@@ -146,6 +146,27 @@ def test_sigterm_saves_and_exits_143_and_a_second_run_is_refused(tmp_path, tiny_
     assert not os.path.exists(os.path.join(out, "test_results.json"))
 
 
+def test_sigterm_to_the_process_group_saves_cleanly_with_workers(tmp_path, tiny_data, tiny_bert_dir):
+    """SIGTERM to the whole process group (timeout, kill -- -PGID, a batch scheduler) reaches the
+    DataLoader workers too: they must leave the stopping to the training process, which then saves
+    last.pt and exits 143, instead of a traceback from a worker that died under it."""
+    out = str(tmp_path / "out")
+    args = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--num_workers", "2", "--epochs", "50",
+            "--out_dir", out]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            os.path.exists(metrics) and "step" in open(metrics).read()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and "continue with --resume" in stdout
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] > 0
+
+
 def test_ddp_two_processes_match_single_process(tmp_path, tiny_data):
     """torchrun with 2 gloo processes x batch 8 = one process x batch 16, step for step."""
     # Dropout off everywhere (head and encoder): ranks draw different masks than one process would.
