@@ -27,6 +27,7 @@ from cli import UserError
 from data import InMemoryPairs, PairDataset, QuestionDataset, fingerprint
 from metrics import compute_metrics
 from model import load_model, load_question_encoder
+from retrieval import BM25, question_inference
 from text import NO_LABEL, file_sha256
 
 FORMAT = "qqp-teacher-v1"
@@ -55,7 +56,6 @@ def neighbour_pairs(vectors, k, chunk=4096):
 
 def bm25_pairs(texts, k):
     """(P, 2) row pairs (i, j): each text with its k best other texts by BM25."""
-    from retrieval import BM25
     _, rows = BM25(texts).search(texts, k + 1)  # (N, k+1): itself usually first
     pairs = [(i, j) for i, row in enumerate(rows.tolist()) for j in row if j != i and j >= 0]
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
@@ -103,9 +103,8 @@ def mine_pairs(train, by, k, n, seed, rt, qe=None, batch_size=256, texts=None, s
     if by == "encoder":
         qe.to(rt.device)
         sub_tokens, sub_offsets = question_subset(tokens, offsets, qids)
-        inference = engine.Inference(qe.module.question_vectors, "questions", rt, batch_size, shapes, compile,
-                                     max_len=manifest["max_len"])
-        vectors = inference(QuestionDataset(sub_tokens, sub_offsets, manifest["pad_token_id"], manifest["max_len"]),
+        inference = question_inference(qe, rt, batch_size, shapes, compile)  # qe.max_len is the folder's
+        vectors = inference(QuestionDataset(sub_tokens, sub_offsets, manifest["pad_token_id"], qe.max_len),
                             "mining: embedding")
         candidates = neighbour_pairs(vectors, k)
     else:

@@ -17,19 +17,9 @@ import preprocess
 import train
 from conftest import TINY_BERT, save_tiny_encoder, synthetic_rows, write_csv
 from model import load_checkpoint
+from test_train import train_here
 
 FAST = ["--epochs", "1", "--bs", "16", "--num_workers", "0", "--log_every_steps", "1", "--lr", "1e-3"]
-
-
-def train_here(args, capsys):
-    """train.main in this process: (exit code, stdout, stderr)."""
-    try:
-        train.main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(code, err):
