@@ -31,6 +31,7 @@ import torch
 import engine
 from cli import UserError
 from data import QuestionDataset, fingerprint, load_manifest, write_data_dir
+from model import describe_model, load_question_encoder
 from text import file_sha256, pair_file_questions, read_question_file, tokenize
 
 INDEX_FORMAT = "qqp-question-index-v1"
@@ -97,6 +98,31 @@ def unit(vectors):
 
 
 # ----------------------------------------------------------------------------- the index folder
+
+def load_index_model(index, checkpoint="", need_classifier=False):
+    """The model the index was built with (its manifest names it; checkpoint: where that checkpoint
+    is now, if it moved), refused unless its fingerprint is the index's: another model's, or a
+    retrained checkpoint's, vectors are not comparable. need_classifier: refused without a pair
+    classifier (an untuned encoder has none)."""
+    rec = index.manifest["model"]
+    if checkpoint or rec["kind"] == "checkpoint":
+        path = checkpoint or rec["checkpoint"]
+        if not os.path.isfile(path):
+            raise UserError(f"the index's checkpoint {path} is missing", "pass --checkpoint where it is now")
+        qe = load_question_encoder(checkpoint=path)
+    else:
+        qe = load_question_encoder(encoder=rec["encoder"], max_len=rec["max_len"])
+    if qe.record["fingerprint"] != rec["fingerprint"]:
+        raise UserError(f"{index.path} was built with {describe_model(rec)} (fingerprint "
+                        f"{rec['fingerprint']}), but {describe_model(qe.record)} has fingerprint "
+                        f"{qe.record['fingerprint']}: another model, or the checkpoint changed since",
+                        rebuild_fix({**index.manifest, "model": qe.record}, index.path))
+    if need_classifier and qe.classifier is None:
+        raise UserError(f"--rerank needs a checkpoint's pair classifier; {index.path} was built with "
+                        f"{describe_model(rec)}", "index with a siamese checkpoint: python "
+                        "index.py out/ckpt.pt INPUT --out_dir NEW_INDEX")
+    return qe
+
 
 class Index:
     """An index folder opened for searching: the manifest checked, the vectors memory-mapped."""

@@ -46,7 +46,7 @@ import retrieval
 from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable
 from measure import measure_speed
-from model import describe_model, load_question_encoder
+from model import describe_model
 from search_eval import check_index_of_folder, eval_protocol, ranking_metrics
 from text import write_table
 
@@ -96,7 +96,7 @@ def search(cfg):
         check_index_of_folder(index, cfg.eval)
     elif not cfg.speed:
         check_k(cfg.k, len(index))
-    qe = None if cfg.speed or cfg.bm25 and not cfg.rerank else load_index_model(cfg, index)
+    qe = None if cfg.speed or cfg.bm25 and not cfg.rerank else retrieval.load_index_model(index, cfg.checkpoint, cfg.rerank)
     qs = retrieval.read_questions(cfg.queries, distinct=False) if cfg.queries else None
     # Inputs are valid: now the device, its banner on stderr (stdout holds the answer).
     rt = engine.setup_runtime(cfg.device, cfg.precision, file=sys.stderr)
@@ -157,29 +157,6 @@ def check_config(cfg):
 def check_k(k, corpus):
     if k > corpus:
         raise UserError(f"--k {k}: the corpus holds only {corpus:,} questions", f"use --k {corpus} or less")
-
-
-def load_index_model(cfg, index):
-    """The model the index was built with (the manifest names it), refused unless its fingerprint
-    is the index's: another model's, or a retrained checkpoint's, vectors are not comparable."""
-    rec = index.manifest["model"]
-    if cfg.checkpoint or rec["kind"] == "checkpoint":
-        path = cfg.checkpoint or rec["checkpoint"]
-        if not os.path.isfile(path):
-            raise UserError(f"the index's checkpoint {path} is missing", "pass --checkpoint where it is now")
-        qe = load_question_encoder(checkpoint=path)
-    else:
-        qe = load_question_encoder(encoder=rec["encoder"], max_len=rec["max_len"])
-    if qe.record["fingerprint"] != rec["fingerprint"]:
-        raise UserError(f"{cfg.index} was built with {describe_model(rec)} (fingerprint "
-                        f"{rec['fingerprint']}), but {describe_model(qe.record)} has fingerprint "
-                        f"{qe.record['fingerprint']}: another model, or the checkpoint changed since",
-                        retrieval.rebuild_fix({**index.manifest, "model": qe.record}, cfg.index))
-    if cfg.rerank and qe.classifier is None:
-        raise UserError(f"--rerank needs a checkpoint's pair classifier; {cfg.index} was built with "
-                        f"{describe_model(rec)}", "index with a siamese checkpoint: python "
-                        "index.py out/ckpt.pt INPUT --out_dir NEW_INDEX")
-    return qe
 
 
 def retrieve(cfg, index, qe, texts, rt, exclude):
