@@ -1,12 +1,18 @@
-"""The one metrics function, shared by train.py's validation, evaluate.py and baseline_cosine.py.
+"""The one metrics function, shared by train.py's validation, evaluate.py and baseline_cosine.py,
+and the validation-tuned threshold that predict.py and serve.py read from evaluate.py's results.
 
 Scores are duplicate probabilities (or cosine similarities for the baseline): higher = duplicate.
 Thresholds are chosen on one split (validation) and applied unchanged to another (test).
 """
+import json
 import math
+import os
+import sys
 
 import numpy as np
 from sklearn import metrics as skm
+
+from cli import UserError
 
 
 def compute_metrics(labels, scores, threshold=0.5, probabilistic=True):
@@ -89,3 +95,26 @@ def format_report(m, title):
              f"positive rate: {m['positive_rate']:.4f}" +
              (f"  log loss: {m['log_loss']:.4f}" if "log_loss" in m else "")]
     return "\n".join(lines)
+
+
+def tuned_threshold(results_path, ckpt_path):
+    """The best-F1 threshold evaluate.py chose on the validation split, for probabilities."""
+    try:
+        with open(results_path) as f:
+            results = json.load(f)
+        t = results["thresholds"]["best_f1"]
+        value = float(t["value"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{results_path}: no validation-tuned threshold in it", "pass the results.json "
+                        "of an evaluate.py run that had a data folder") from None
+    if results.get("score") != "probability":
+        raise UserError(f"{results_path}: its thresholds are for {results.get('score') or 'unknown'} "
+                        f"scores ({results.get('script')}), not a classifier's probabilities",
+                        "pass the results.json of evaluate.py on this checkpoint")
+    if t.get("chosen_on") != "validation" or not 0 <= value <= 1:
+        raise UserError(f"{results_path}: its best_f1 threshold {value} was chosen on {t.get('chosen_on')}",
+                        "pass the results.json of an evaluate.py run that tuned on validation")
+    if results.get("checkpoint") != os.path.abspath(ckpt_path):
+        print(f"note: {results_path} was computed for {results.get('checkpoint')}, not "
+              f"{os.path.abspath(ckpt_path)}: its threshold may not suit this model", file=sys.stderr)
+    return value

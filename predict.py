@@ -20,7 +20,6 @@ probability that means nothing: such pairs are counted in a warning on stderr.
 The threshold is --threshold (default 0.5, the argmax), or with --threshold_from the best-F1
 threshold that evaluate.py chose on the validation split (never on the data it is applied to).
 """
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 import engine
 from cli import UserError, arg, check_ranges, parse_config, run
 from data import InMemoryPairs, check_out_file, check_writable, pairs_from_file, unreadable_pairs
+from metrics import tuned_threshold
 from model import load_model
 from text import NO_LABEL, checkpoint_tokenizer, encode_pairs, write_table
 
@@ -112,29 +112,6 @@ def one_pair(question1, question2, tok, data):
         raise UserError("a question is empty", "pass two non-empty questions in quotes")
     tokens, offsets, triples = encode_pairs(tok, [question1], [question2], [NO_LABEL], data["max_len"])
     return InMemoryPairs(tokens, offsets, triples, data["pad_token_id"]), None, [], 1
-
-
-def tuned_threshold(results_path, ckpt_path):
-    """The best-F1 threshold evaluate.py chose on the validation split, for probabilities."""
-    try:
-        with open(results_path) as f:
-            results = json.load(f)
-        t = results["thresholds"]["best_f1"]
-        value = float(t["value"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{results_path}: no validation-tuned threshold in it", "pass the results.json "
-                        "of an evaluate.py run that had a data folder") from None
-    if results.get("score") != "probability":
-        raise UserError(f"{results_path}: its thresholds are for {results.get('score') or 'unknown'} "
-                        f"scores ({results.get('script')}), not a classifier's probabilities",
-                        "pass the results.json of evaluate.py on this checkpoint")
-    if t.get("chosen_on") != "validation" or not 0 <= value <= 1:
-        raise UserError(f"{results_path}: its best_f1 threshold {value} was chosen on {t.get('chosen_on')}",
-                        "pass the results.json of an evaluate.py run that tuned on validation")
-    if results.get("checkpoint") != os.path.abspath(ckpt_path):
-        print(f"note: {results_path} was computed for {results.get('checkpoint')}, not "
-              f"{os.path.abspath(ckpt_path)}: its threshold may not suit this model", file=sys.stderr)
-    return value
 
 
 def warn_unreadable(tok, dataset, pairs, from_csv):

@@ -241,6 +241,118 @@ def index_rejects(base, questions=None):
     return "source\trow\tline\treason\n" + old + new if old or new else None
 
 
+# ----------------------------------------------------------------------------- added questions
+
+ADDED_FORMAT = "qqp-added-questions-v1"
+
+
+def added_path(index_dir):
+    """Where the questions posted to serve.py live: beside the index folder, not in it (index.py
+    replaces the folder in one rename; a database inside would go with it)."""
+    return os.path.abspath(index_dir).rstrip(os.sep) + ".added.sqlite"
+
+
+class AddedQuestions:
+    """The questions added to an index after it was built (serve.py's POST /questions), in SQLite:
+    a real embedded database, so that an acknowledged question survives kill -9 and power loss
+    (WAL, synchronous=FULL: the commit is on disk before serve.py replies), and several server
+    processes on one machine share one file (WAL: one writer at a time, readers never blocked;
+    each process reads the rows the others committed, rows(after=seq)). Each row holds the
+    question's float16 unit vector and its norm, as the index folder does, under the model
+    fingerprint recorded in the file: a file of another model's vectors is refused. index.py
+    --fold moves the rows into the index folder and deletes them here.
+
+    Table questions: seq (increasing, the order of commits), id (unique), text, vector (H float16
+    bytes), norm, added (unix time)."""
+
+    def __init__(self, path, model, dim, create=True):
+        import sqlite3
+        self.path, self.dim = path, dim
+        if not create and not os.path.isfile(path):
+            raise UserError(f"{path}: no such database", "nothing was added to this index")
+        try:
+            # isolation_level=None: transactions are the explicit BEGIN IMMEDIATE .. COMMIT below.
+            # check_same_thread=False: serve.py opens it at start, its worker thread uses it.
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS questions (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                            "id TEXT NOT NULL UNIQUE, text TEXT NOT NULL, vector BLOB NOT NULL, "
+                            "norm REAL NOT NULL, added REAL NOT NULL)")
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                                [("format", ADDED_FORMAT), ("fingerprint", model["fingerprint"]),
+                                 ("dim", str(dim))])
+            self.db.execute("COMMIT")
+            meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{path}: not a database of added questions ({e})",
+                            "move the file away (it is not this index's), then start again") from None
+        if meta.get("format") != ADDED_FORMAT or meta.get("dim") != str(dim):
+            raise UserError(f"{path}: not a database of added questions for this index (format "
+                            f"{meta.get('format')}, dim {meta.get('dim')})", "move the file away, then start again")
+        if meta["fingerprint"] != model["fingerprint"]:
+            n = self.db.execute("SELECT count(*) FROM questions").fetchone()[0]
+            raise UserError(f"{path} holds {n:,} questions embedded by a model with fingerprint "
+                            f"{meta['fingerprint']}, but the index's model is {model['fingerprint']}: the "
+                            "index was rebuilt since, and their vectors do not mix",
+                            "fold them before rebuilding (python index.py --fold --out_dir INDEX), or move "
+                            "the file away and post them again")
+
+    def changed(self):
+        """Whether rows were committed since the last look: by this connection (add), or by another
+        (PRAGMA data_version moves only for those; cheap, no table read)."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        seen, self._version = getattr(self, "_version", None), version
+        own, self._own_commit = getattr(self, "_own_commit", False), False
+        return own or version != seen
+
+    def add(self, ids, texts, vectors, norms, known):
+        """Commit new questions in one transaction, durable before it returns. An id already held
+        (here, by another process, or in the index: known(id) -> its text or None) with the same
+        text is left as it is ("exists": a client's retry is harmless); with another text it is a
+        conflict, and nothing of the call is written. Returns each id's status."""
+        statuses = []
+        self.db.execute("BEGIN IMMEDIATE")  # the write lock: no other process adds between check and insert
+        try:
+            for qid, text in zip(ids, texts):
+                row = self.db.execute("SELECT text FROM questions WHERE id = ?", (qid,)).fetchone()
+                held = row[0] if row else known(qid)
+                if held is not None and held != text:
+                    raise UserError(f"id {qid} is taken by another question ({held[:80]!r})",
+                                    "post it under a new id, or without an id")
+                statuses.append("exists" if held is not None else "added")
+            now = time.time()
+            self.db.executemany("INSERT INTO questions (id, text, vector, norm, added) VALUES (?, ?, ?, ?, ?)",
+                                [(qid, text, np.asarray(v, np.float16).tobytes(), float(n), now)
+                                 for qid, text, v, n, s in zip(ids, texts, vectors, norms, statuses)
+                                 if s == "added"])
+            self.db.execute("COMMIT")
+            self._own_commit = True
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return statuses
+
+    def rows(self, after=0):
+        """Rows committed after seq `after`: (seqs, ids, texts, unit vectors (n, H) float16, norms)."""
+        got = self.db.execute("SELECT seq, id, text, vector, norm FROM questions WHERE seq > ? ORDER BY seq",
+                              (after,)).fetchall()
+        vectors = np.frombuffer(b"".join(r[3] for r in got), np.float16).reshape(len(got), self.dim)
+        return ([r[0] for r in got], [r[1] for r in got], [r[2] for r in got], vectors,
+                np.array([r[4] for r in got], np.float32))
+
+    def delete_through(self, seq):
+        """Delete the rows up to seq (index.py --fold, once they are in the index folder)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("DELETE FROM questions WHERE seq <= ?", (seq,))
+        self.db.execute("COMMIT")
+
+    def close(self):
+        self.db.close()
+
+
 # ----------------------------------------------------------------------------- search
 
 @torch.inference_mode()

@@ -1,0 +1,181 @@
+"""A duplicate-question service: the model and the index loaded once, answers in milliseconds.
+
+    # CPU, the index of index.py's smoke run (bundled MiniLM, the real 8k rows' questions):
+    python serve.py runs/idx8k                      # http://127.0.0.1:8000: the page, /docs for the API
+    # a fine-tuned checkpoint's index (probabilities, /score, rerank); additions on, with a token:
+    QQP_SERVE_TOKEN=secret python serve.py runs/index_ft8k --port 8000
+    curl -s localhost:8000/search -d '{"question": "How do I learn Python?", "k": 5}'
+
+Endpoints (JSON; the OpenAPI page at /docs):
+    POST /search     {"question", "k", "rerank"}: the k nearest known questions: id, question, cosine
+                     and, for a checkpoint's index, the classifier's duplicate probability
+    POST /score      {"pairs": [[q1, q2], ...]}: probabilities and the decision at the threshold
+    POST /questions  {"id", "question"} or {"questions": [...]}, with "Authorization: Bearer TOKEN":
+                     added to the corpus, durable (SQLite, committed) before the reply
+    GET  /healthz    liveness;  GET /stats: counts, model, uptime, requests and latency percentiles
+    GET  /           a web page: duplicates appear as you type, and a question can be posted as new
+
+The index folder is read-only here: added questions go to <index>.added.sqlite beside it (WAL,
+synchronous=FULL), which every server process on this machine started on that index shares (each
+sees the others' additions at its next request); `python index.py --fold --out_dir INDEX` moves
+them into the folder. Concurrent requests are embedded together (--max_batch questions, waiting at
+most --max_wait_ms for more; --max_batch 1: one at a time) through the inference road of every
+other script, in one worker thread beside the event loop.
+
+Safety: binds 127.0.0.1 unless --host says otherwise; adding questions needs the bearer token
+(--token, or the QQP_SERVE_TOKEN environment variable, which `ps` does not show), and is off
+without one; a non-loopback --host without a token is refused. Request bodies, questions per
+request, question length and k are limited (flags below); every bad request gets a 4xx with a
+one-line JSON error naming the field. The index's model is fingerprint-checked at start (a moved
+checkpoint: --checkpoint), like search.py.
+"""
+import ipaddress
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import engine
+import retrieval
+import service
+from cli import UserError, arg, check_ranges, parse_config, run
+from metrics import tuned_threshold
+from model import describe_model
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0: any free port)"),
+          "max_batch": (lambda v: v >= 1, "at least 1 (1: no batching)"),
+          "max_wait_ms": (lambda v: 0 <= v <= 1000, "in [0, 1000]"),
+          "nprobe": (lambda v: v >= 0, "0 (as calibrated) or more"),
+          "rerank_depth": (lambda v: v >= 1, "at least 1"),
+          "max_body_bytes": (lambda v: v >= 1024, "at least 1024"),
+          "max_questions": (lambda v: v >= 1, "at least 1"),
+          "max_question_chars": (lambda v: v >= 1, "at least 1"),
+          "max_k": (lambda v: v >= 1, "at least 1")}
+
+
+@dataclass
+class ServeConfig:
+    index: str = arg("", "index folder written by index.py")
+    checkpoint: str = arg("", "the index's checkpoint where it is now, if it moved (fingerprint-checked)")
+    host: str = arg("127.0.0.1", "address to listen on (not loopback: a token is required)")
+    port: int = arg(8000, "port to listen on (0: any free one, printed)")
+    token: str = arg("", f"bearer token that POST /questions needs (or the {service.TOKEN_ENV} environment "
+                         "variable); none: adding is off")
+    ann: bool = arg(False, "search the index's ANN index (index.py --ann) instead of all vectors")
+    nprobe: int = arg(0, "IVF lists probed with --ann (0: the one calibrated when the index was built)")
+    threshold_from: str = arg("", "evaluate.py's results.json: /score decides at its validation-tuned "
+                                  "threshold (default: <checkpoint dir>/eval_test/results.json if it is this "
+                                  "checkpoint's, else 0.5)")
+    max_batch: int = arg(64, "questions embedded together at most (dynamic batching; 1: off)")
+    max_wait_ms: float = arg(2.0, "after the first request of a batch, wait at most this long for more")
+    rerank_depth: int = arg(50, "candidates a search with rerank re-scores")
+    max_body_bytes: int = arg(service.Limits.max_body_bytes, "request body limit (413 over it)")
+    max_questions: int = arg(service.Limits.max_questions, "questions per POST /questions, pairs per /score")
+    max_question_chars: int = arg(service.Limits.max_question_chars, "characters of one question")
+    max_k: int = arg(service.Limits.max_k, "answers per search")
+    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = arg("auto", "auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    shapes: Literal[engine.SHAPES] = arg("auto", engine.SHAPES_HELP)
+    compile: Literal[engine.COMPILE_MODES] = arg("auto", "as train.py's; auto: CUDA graphs on one GPU (compiled "
+                                                 "at start: a service amortizes it), off on the CPU")
+
+
+def main(argv=None):
+    cfg = parse_config(ServeConfig, argv, __doc__, positional=("index",))
+    run(serve, cfg)
+
+
+def serve(cfg):
+    import uvicorn
+    app, about = build(cfg)
+    print(f"serving {about['corpus']:,} questions ({about['model']}) at http://{cfg.host}:{cfg.port}/ "
+          f"(the page; API at /docs); adding questions {'on' if about['token'] else 'off (no token)'}; "
+          f"Ctrl-C stops", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+
+
+def build(cfg):
+    """The app, ready to answer: flags checked, index and model loaded and matched, the added
+    questions read, the encoder warmed up. Returns (app, what was loaded)."""
+    token = cfg.token or os.environ.get(service.TOKEN_ENV, "")
+    check_config(cfg, token)
+    t0 = time.time()
+    index = retrieval.Index(cfg.index)
+    if cfg.ann:
+        index.ann  # fail now if it has none
+    qe = retrieval.load_index_model(index, cfg.checkpoint)
+    threshold, threshold_source = decision_threshold(cfg, qe)
+    store = retrieval.AddedQuestions(retrieval.added_path(cfg.index), index.manifest["model"], index.manifest["dim"])
+    rt = engine.setup_runtime(cfg.device, cfg.precision, file=sys.stderr)
+    qe.to(rt.device)
+    # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
+    # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
+    inference = retrieval.question_inference(qe, rt, cfg.max_batch, cfg.shapes, engine.resolve_compile(cfg.compile, rt))
+    live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
+    work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
+    live.sync(store)
+    warm_up(work)
+    limits = service.Limits(cfg.max_body_bytes, cfg.max_questions, cfg.max_question_chars, cfg.max_k)
+    batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms)
+    about = {"index": os.path.abspath(cfg.index), "database": store.path, "started_in_s": round(time.time() - t0, 1)}
+    app = service.make_app(work, batcher, limits, token, about)
+    return app, {**about, "corpus": len(live), "model": describe_model(qe.record), "token": bool(token)}
+
+
+def check_config(cfg, token):
+    """Every flag checked before anything loads."""
+    check_ranges(cfg, RANGES)
+    if not os.path.isdir(cfg.index):
+        raise UserError(f"{cfg.index}: no such index folder", "build one: python index.py out/ckpt.pt "
+                        f"questions.csv --out_dir {cfg.index}")
+    if cfg.nprobe and not cfg.ann:
+        raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
+    if not is_loopback(cfg.host) and not token:
+        raise UserError(f"--host {cfg.host} is reachable from other machines, and no token is set: anyone "
+                        "could add questions", f"set {service.TOKEN_ENV} (or --token), or serve on 127.0.0.1")
+    if cfg.threshold_from and not os.path.isfile(cfg.threshold_from):
+        raise UserError(f"--threshold_from {cfg.threshold_from}: no such file", "pass the results.json of "
+                        "evaluate.py on this checkpoint")
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def decision_threshold(cfg, qe):
+    """/score's threshold and where it came from: --threshold_from, else evaluate.py's results of
+    this checkpoint in its folder (eval_test, tuned on validation), else 0.5 (the argmax)."""
+    if qe.classifier is None:
+        return None, "no classifier (an untuned encoder's index): /score is off"
+    ckpt = qe.record["checkpoint"]
+    if cfg.threshold_from:
+        return tuned_threshold(cfg.threshold_from, ckpt), f"best F1 on validation ({cfg.threshold_from})"
+    found = os.path.join(os.path.dirname(ckpt), "eval_test", "results.json")
+    if os.path.isfile(found):
+        try:
+            value = tuned_threshold(found, ckpt)
+        except UserError:
+            value = None
+        if value is not None:
+            return value, f"best F1 on validation ({found})"
+    return 0.5, "0.5, the argmax (no evaluate.py results of this checkpoint: pass --threshold_from)"
+
+
+def warm_up(work):
+    """One pass of each kind before the first request: lazy initialization (and, on CUDA, the
+    compile) is paid now, not by the first user."""
+    jobs = [service.Job("search", ["How do I learn Python?"], {"k": 1, "rerank": False})]
+    if work.qe.classifier is not None:
+        jobs.append(service.Job("score", ["How do I learn Python?", "What is the best way to learn Python?"]))
+    work.work(jobs)
+
+
+if __name__ == "__main__":
+    main()
