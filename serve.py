@@ -116,7 +116,7 @@ def build(cfg):
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
     live.sync(store)
-    warm_up(work)
+    work.warm_up()  # lazy initialization (on CUDA: the compile) paid now, not by the first user
     limits = service.Limits(cfg.max_body_bytes, cfg.max_questions, cfg.max_question_chars, cfg.max_k)
     batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms)
     about = {"index": os.path.abspath(cfg.index), "database": store.path, "started_in_s": round(time.time() - t0, 1)}
@@ -166,15 +166,6 @@ def decision_threshold(cfg, qe):
         if value is not None:
             return value, f"best F1 on validation ({found})"
     return 0.5, "0.5, the argmax (no evaluate.py results of this checkpoint: pass --threshold_from)"
-
-
-def warm_up(work):
-    """One pass of each kind before the first request: lazy initialization (and, on CUDA, the
-    compile) is paid now, not by the first user."""
-    jobs = [service.Job("search", ["How do I learn Python?"], {"k": 1, "rerank": False})]
-    if work.qe.classifier is not None:
-        jobs.append(service.Job("score", ["How do I learn Python?", "What is the best way to learn Python?"]))
-    work.work(jobs)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,14 @@ class Service:
         self.threshold, self.threshold_source, self.rerank_depth = threshold, threshold_source, rerank_depth
         self.batches, self.batched_questions = 0, 0
 
+    def warm_up(self):
+        """One batch of each kind before the first request, not counted in /stats."""
+        jobs = [Job("search", ["How do I learn Python?"], {"k": 1, "rerank": False})]
+        if self.qe.classifier is not None:
+            jobs.append(Job("score", ["How do I learn Python?", "What is the best way to learn Python?"]))
+        self.work(jobs)
+        self.batches = self.batched_questions = 0
+
     def work(self, jobs):
         """One batch: every job's questions embedded in one encoder call, then each job answered.
         Returns one answer or UserError per job."""
@@ -409,6 +417,11 @@ def make_app(service, batcher, limits, token="", about=None):
         question: Union[Text, None] = None
         questions: Union[list[NewQuestion], None] = Field(None, min_length=1, max_length=limits.max_questions)
 
+        @field_validator("question")
+        @classmethod
+        def _blank(cls, value):
+            return None if value is None else not_blank(value)
+
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
@@ -427,7 +440,13 @@ def make_app(service, batcher, limits, token="", about=None):
         e = exc.errors()[0]
         if e.get("type") == "json_invalid":
             return error(400, "body", f"body: not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
-        name = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        # loc: ("body", field, index, ...), with a union's member types in it ("str", "int"): dropped
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "str", "int", "none")]
+        name = ".".join(loc) or "body"
+        if e.get("type") in ("string_type", "int_type") and "id" in loc:
+            return error(422, name, f"{name}: should be a string or an integer")
+        if name == "body" and e.get("type") == "missing":
+            return error(422, "body", "body: empty; send a JSON object (see /docs)")
         return error(422, name, f"{name}: {e['msg'].removeprefix('Value error, ')}")
 
     @app.exception_handler(StarletteHTTPException)

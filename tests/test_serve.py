@@ -1,0 +1,478 @@
+"""serve.py and service.py on a tiny random siamese checkpoint: the API through FastAPI's in-process
+test client (answers, the one scoring road, dynamic batching, every bad input and the answer it
+must get), then real server processes: kill -9 in the middle of writes, two servers on one
+database, index.py --fold, refusals at start, and the web page in a real headless browser."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import ROOT, synthetic_rows, write_csv
+from test_evaluate import make_checkpoint, run_bad
+
+import index
+import predict
+import retrieval
+import serve
+import service
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A data folder of 300 synthetic pairs, a tiny untrained siamese checkpoint, its index (+ ANN)."""
+    import preprocess
+    tmp = tmp_path_factory.mktemp("serve")
+    data = str(tmp / "prep")
+    preprocess.main([write_csv(tmp / "pairs.csv", synthetic_rows(300)), "--out_dir", data, "--max_len", "32"])
+    ckpt = make_checkpoint(tmp / "run" / "ckpt.pt", data)
+    index.main([ckpt, data, "--out_dir", str(tmp / "index"), "--ann"])
+    return {"tmp": tmp, "data": data, "ckpt": ckpt, "index": str(tmp / "index")}
+
+
+@pytest.fixture
+def fresh_index(built, tmp_path):
+    """A copy of the index with no added questions: each test's writes are its own."""
+    path = str(tmp_path / "index")
+    shutil.copytree(built["index"], path)
+    return path
+
+
+def make_client(index_dir, **flags):
+    app, _ = serve.build(serve.ServeConfig(index=index_dir, **{"token": TOKEN, **flags}))
+    return TestClient(app)
+
+
+@pytest.fixture
+def client(fresh_index):
+    with make_client(fresh_index) as c:
+        yield c
+
+
+def index_questions(path):
+    return retrieval.Index(path).questions
+
+
+# ----------------------------------------------------------------------------- answers
+
+def test_search_finds_a_planted_duplicate_first_with_its_probability(client, built):
+    ids, texts = index_questions(built["index"])
+    for i in (3, 50, 120):
+        planted = "  ".join(texts[i].upper().split())  # the same tokens for the uncased vocabulary
+        r = client.post("/search", json={"question": planted, "k": 3})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == 3 and results[0]["id"] == ids[i] and results[0]["question"] == texts[i]
+        assert results[0]["cosine"] > 0.999
+        assert all(0 <= hit["probability"] <= 1 for hit in results)
+        assert [h["cosine"] for h in results] == sorted((h["cosine"] for h in results), reverse=True)
+
+
+def test_rerank_orders_by_probability(client, built):
+    texts = index_questions(built["index"])[1]
+    results = client.post("/search", json={"question": texts[9], "k": 5, "rerank": True}).json()["results"]
+    probs = [h["probability"] for h in results]
+    assert len(results) == 5 and probs == sorted(probs, reverse=True)
+
+
+def test_exact_and_ann_servers_agree_on_the_top_answer(fresh_index, built):
+    texts = index_questions(built["index"])[1]
+    with make_client(fresh_index) as exact, make_client(fresh_index, ann=True) as ann:
+        for i in (1, 77):
+            a = exact.post("/search", json={"question": texts[i], "k": 1}).json()["results"]
+            b = ann.post("/search", json={"question": texts[i], "k": 1}).json()["results"]
+            assert a[0]["id"] == b[0]["id"]
+        assert "ANN" in ann.get("/stats").json()["search"]
+
+
+def test_score_is_predict_py_probability_on_the_one_road(client, built, tmp_path, capsys):
+    """/score embeds each question once and applies the classifier head to the pooled vectors; the
+    probabilities must equal predict.py's (the pair batches of training) to float precision."""
+    texts = index_questions(built["index"])[1]
+    pairs = [[texts[i], texts[j]] for i, j in ((0, 1), (5, 40), (7, 7), (100, 3))]
+    r = client.post("/score", json={"pairs": pairs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = np.array([x["probability"] for x in body["results"]])
+    csv_path = write_csv(tmp_path / "pairs.csv", pairs, header=("question1", "question2"))
+    out = str(tmp_path / "preds.csv")
+    predict.main([built["ckpt"], "--csv", csv_path, "--out", out])
+    with open(out) as f:
+        expected = np.array([float(line.split(",")[1]) for line in f.readlines()[1:]])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert body["threshold"] == 0.5 and "argmax" in body["threshold_source"]
+    assert [x["duplicate"] for x in body["results"]] == [bool(p >= 0.5) for p in got]
+
+
+def test_score_decides_at_the_validation_tuned_threshold(fresh_index, built, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"score": "probability", "checkpoint": os.path.abspath(built["ckpt"]),
+                                   "thresholds": {"best_f1": {"value": 0.4242, "chosen_on": "validation"}}}))
+    with make_client(fresh_index, threshold_from=str(results)) as c:
+        body = c.post("/score", json={"pairs": [["a question", "another question"]]}).json()
+        assert body["threshold"] == 0.4242 and "validation" in body["threshold_source"]
+        assert body["results"][0]["duplicate"] == (body["results"][0]["probability"] >= 0.4242)
+
+
+def test_added_questions_are_found_at_once_and_retries_are_harmless(client):
+    question = "Where can I adopt a purple giraffe in the city?"
+    r = client.post("/questions", json={"id": "new-1", "question": question}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["added"] == 1, r.text
+    hit = client.post("/search", json={"question": question, "k": 1}).json()["results"][0]
+    assert hit["id"] == "new-1" and hit["question"] == question and hit["cosine"] > 0.999
+    again = client.post("/questions", json={"id": "new-1", "question": question}, headers=AUTH).json()
+    assert again["added"] == 0 and again["existing"] == 1  # a client's retry after a lost reply
+    many = client.post("/questions", json={"questions": [{"question": "Why do cats purr?"},
+                                                         {"id": 42000, "question": "Is tea better than coffee?"}]},
+                       headers=AUTH).json()
+    assert many["added"] == 2 and many["questions"][1]["id"] == "42000"
+    assert many["questions"][0]["id"].startswith("u-")
+    stats = client.get("/stats").json()
+    assert stats["questions"]["added"] == 3 and stats["questions"]["total"] == stats["questions"]["index"] + 3
+
+
+def test_an_id_taken_by_another_question_is_a_conflict_and_nothing_is_written(client, built):
+    ids, texts = index_questions(built["index"])
+    r = client.post("/questions", json={"questions": [{"id": "fresh", "question": "A new one?"},
+                                                      {"id": ids[0], "question": "Not " + texts[0]}]}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["field"] == "id" and ids[0] in r.json()["error"]
+    assert client.get("/stats").json()["questions"]["added"] == 0  # the whole request was refused
+    same = client.post("/questions", json={"id": ids[0], "question": texts[0]}, headers=AUTH).json()
+    assert same["existing"] == 1  # the index's own question under its own id: already there
+
+
+def test_health_stats_docs_and_page(client):
+    assert client.get("/healthz").json()["ok"] is True
+    client.post("/search", json={"question": "How do I learn chess?", "k": 2})
+    stats = client.get("/stats").json()
+    assert stats["model"]["kind"] == "checkpoint" and stats["classifier"] is True
+    assert stats["requests"]["/search"]["requests"] == 1 and stats["requests"]["/search"]["p95_ms"] > 0
+    assert stats["uptime_s"] >= 0 and stats["batching"]["max_batch"] == 64
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/score", "/questions", "/healthz", "/stats"} <= set(spec["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/search" in page.text
+
+
+def test_concurrent_requests_are_batched_and_answered_as_alone(fresh_index, built):
+    """32 searches at once: fewer encoder batches than requests, and each answer the same as the
+    same search sent alone (batching changes nothing but the speed)."""
+    texts = index_questions(built["index"])[1][:32]
+    with make_client(fresh_index, max_wait_ms=50.0) as c:
+        alone = [c.post("/search", json={"question": t, "k": 3}).json()["results"] for t in texts]
+        before = c.get("/stats").json()["batching"]["batches"]
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(lambda t: c.post("/search", json={"question": t, "k": 3}).json()["results"],
+                                     texts))
+        batches = c.get("/stats").json()["batching"]["batches"] - before
+    assert batches < len(texts) / 2, batches
+    for a, b in zip(alone, together):
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+        np.testing.assert_allclose([h["cosine"] for h in a], [h["cosine"] for h in b], atol=1e-5)
+        np.testing.assert_allclose([h["probability"] for h in a], [h["probability"] for h in b], atol=1e-5)
+
+
+def test_batching_off_runs_one_request_per_batch(fresh_index):
+    with make_client(fresh_index, max_batch=1) as c:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: c.post("/search", json={"question": f"How do I learn chess {i}?"}), range(8)))
+        assert c.get("/stats").json()["batching"]["mean_questions_per_batch"] == 1.0
+
+
+# ----------------------------------------------------------------------------- bad requests
+
+LONG = "x" * 1001
+BAD_REQUESTS = [  # (path, body (json) or raw bytes, status, field)
+    ("/search", b"{not json", 400, "body"),
+    ("/search", b"", 422, "body"),
+    ("/search", [1, 2], 422, "body"),
+    ("/search", {}, 422, "question"),
+    ("/search", {"question": ""}, 422, "question"),
+    ("/search", {"question": "   \t "}, 422, "question"),
+    ("/search", {"question": 7}, 422, "question"),
+    ("/search", {"question": None}, 422, "question"),
+    ("/search", {"question": LONG}, 422, "question"),
+    ("/search", {"question": "ok?", "k": 0}, 422, "k"),
+    ("/search", {"question": "ok?", "k": 101}, 422, "k"),
+    ("/search", {"question": "ok?", "k": "5"}, 422, "k"),
+    ("/search", {"question": "ok?", "k": 2.5}, 422, "k"),
+    ("/search", {"question": "ok?", "rerank": "yes"}, 422, "rerank"),
+    ("/search", {"question": "ok?", "kk": 3}, 422, "kk"),
+    ("/score", {"pairs": []}, 422, "pairs"),
+    ("/score", {"pairs": "a, b"}, 422, "pairs"),
+    ("/score", {"pairs": [["only one"]]}, 422, "pairs.0"),
+    ("/score", {"pairs": [["a", "b", "c"]]}, 422, "pairs.0"),
+    ("/score", {"pairs": [["a", " "]]}, 422, "pairs"),
+    ("/score", {"pairs": [["a", LONG]]}, 422, "pairs.0.1"),
+    ("/score", {"pairs": [["a", "b"]] * 257}, 422, "pairs"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,field", BAD_REQUESTS)
+def test_bad_request_gets_its_status_and_a_one_line_error_naming_the_field(client, path, body, status, field):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["field"] == field and "\n" not in err["error"] and "Traceback" not in r.text
+
+
+ADD_BAD = [  # (body, headers, status, field)
+    ({"id": "a", "question": "q?"}, {}, 401, "authorization"),
+    ({"id": "a", "question": "q?"}, {"Authorization": "Bearer wrong"}, 401, "authorization"),
+    ({"id": "a", "question": "q?"}, {"Authorization": TOKEN}, 401, "authorization"),
+    ({}, AUTH, 422, "questions"),
+    ({"question": "q?", "questions": [{"question": "r?"}]}, AUTH, 422, "questions"),
+    ({"questions": []}, AUTH, 422, "questions"),
+    ({"questions": [{"question": "q?"}] * 257}, AUTH, 422, "questions"),
+    ({"questions": [{"id": "x", "question": "q?"}, {"id": "x", "question": "r?"}]}, AUTH, 422, "id"),
+    ({"id": "   ", "question": "q?"}, AUTH, 422, "id"),
+    ({"id": 1.5, "question": "q?"}, AUTH, 422, "id"),
+    ({"id": "a", "question": " "}, AUTH, 422, "question"),
+    ({"questions": [{"id": "a"}]}, AUTH, 422, "questions.0.question"),
+]
+
+
+@pytest.mark.parametrize("body,headers,status,field", ADD_BAD)
+def test_bad_additions_are_refused_and_write_nothing(client, body, headers, status, field):
+    r = client.post("/questions", json=body, headers=headers)
+    assert r.status_code == status and r.json()["field"] == field, r.text
+    assert "Traceback" not in r.text
+    assert client.get("/stats").json()["questions"]["added"] == 0
+
+
+def test_body_over_the_limit_is_413_with_or_without_a_length(fresh_index):
+    with make_client(fresh_index, max_body_bytes=2048) as c:
+        big = json.dumps({"question": "a" * 3000}).encode()
+        r = c.post("/search", content=big)
+        assert r.status_code == 413 and r.json()["field"] == "body"
+        r = c.post("/search", content=iter([big[:1500], big[1500:]]))  # chunked: no Content-Length
+        assert r.status_code == 413 and r.json()["field"] == "body"
+        assert c.post("/search", json={"question": "fits?"}).status_code == 200
+
+
+def test_without_a_token_adding_is_off_and_an_untuned_index_has_no_score(fresh_index, built, tmp_path):
+    with make_client(fresh_index, token="") as c:
+        r = c.post("/questions", json={"id": "a", "question": "q?"}, headers=AUTH)
+        assert r.status_code == 403 and "--token" in r.json()["error"]
+
+
+def test_unknown_paths_and_methods_are_one_line_json(client):
+    assert client.get("/nope").json()["field"] == "path"
+    r = client.get("/search")
+    assert r.status_code == 405 and "\n" not in r.json()["error"]
+
+
+def test_a_bug_is_a_one_line_500_without_a_traceback(client, monkeypatch):
+    def broken(self, pooled, params):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(service.Service, "search", broken)
+    r = client.post("/search", json={"question": "anything?"})
+    assert r.status_code == 500 and "RuntimeError" in r.json()["error"] and "Traceback" not in r.text
+    assert client.get("/healthz").status_code == 200  # the server lives on
+
+
+# ----------------------------------------------------------------------------- refusals at start
+
+def test_refuses_a_non_loopback_host_without_a_token(fresh_index, capsys, monkeypatch):
+    monkeypatch.delenv(service.TOKEN_ENV, raising=False)
+    err = run_bad(serve.main, [fresh_index, "--host", "0.0.0.0"], capsys)
+    assert "0.0.0.0" in err and service.TOKEN_ENV in err
+
+
+def test_refuses_an_index_of_another_model_than_the_checkpoint(built, fresh_index, tmp_path, capsys):
+    other = make_checkpoint(tmp_path / "other" / "ckpt.pt", built["data"])
+    import torch
+    ckpt = torch.load(other, weights_only=True)
+    next(iter(v for k, v in ckpt["model"].items() if k.endswith("weight"))).add_(0.01)
+    torch.save(ckpt, other)
+    err = run_bad(serve.main, [fresh_index, "--checkpoint", other], capsys)
+    assert "fingerprint" in err and "Fix:" in err
+
+
+def test_refuses_a_database_of_another_model(fresh_index, capsys):
+    manifest = retrieval.Index(fresh_index).manifest
+    store = retrieval.AddedQuestions(retrieval.added_path(fresh_index), {"fingerprint": "0123456789abcdef"},
+                                     manifest["dim"])
+    store.close()
+    err = run_bad(serve.main, [fresh_index, "--token", TOKEN], capsys)
+    assert "0123456789abcdef" in err and "--fold" in err
+
+
+@pytest.mark.parametrize("flag,value", [("port", "70000"), ("max_batch", "0"), ("max_wait_ms", "-1"),
+                                        ("max_k", "0"), ("max_body_bytes", "10")])
+def test_flags_out_of_range_exit_2(fresh_index, flag, value, capsys):
+    assert f"--{flag}" in run_bad(serve.main, [fresh_index, f"--{flag}", value], capsys)
+
+
+# ----------------------------------------------------------------------------- server processes
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py in its own process on a free loopback port, up when /healthz answers."""
+
+    def __init__(self, index_dir, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), index_dir, "--port",
+                                      str(self.port), "--token", TOKEN, *flags], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve.py exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "serve.py did not come up in 120 s"
+            time.sleep(0.2)
+
+    def post(self, path, body, **kwargs):
+        return httpx.post(self.url + path, json=body, timeout=30, **kwargs)
+
+    def top(self, question):
+        return self.post("/search", {"question": question, "k": 1}).json()["results"][0]
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc.stdout.close()
+
+
+def crash_question(i):
+    return f"Crash test question {i}: how many giraffes fit in room {i * 7}?"
+
+
+def test_kill_9_in_the_middle_of_writes_loses_no_acknowledged_question(fresh_index):
+    server = Server(fresh_index)
+    acked, stop = [], threading.Event()
+
+    def writer():
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            try:
+                r = server.post("/questions", {"id": f"k{i}", "question": crash_question(i)}, headers=AUTH)
+            except httpx.HTTPError:
+                return  # the server died under us: this one was never acknowledged
+            if r.status_code == 200:
+                acked.append(i)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while len(acked) < 40 and time.time() < deadline:
+            time.sleep(0.02)
+        server.proc.kill()  # SIGKILL: no shutdown, no cleanup, writes in flight
+        server.proc.wait(30)
+    finally:
+        stop.set()
+        thread.join(60)
+        server.stop()
+    assert len(acked) >= 40
+    retrieval.Index(fresh_index)  # the folder still loads: the server never writes it
+    again = Server(fresh_index)
+    try:
+        added = again.post("/questions", {"id": "after", "question": "Posted after the restart?"}, headers=AUTH)
+        assert added.status_code == 200
+        missing = [i for i in acked if again.top(crash_question(i))["id"] != f"k{i}"]
+        assert not missing, f"acknowledged but lost after kill -9: {missing[:10]}"
+    finally:
+        again.stop()
+
+
+def test_two_servers_on_one_database_see_each_others_additions(fresh_index):
+    a, b = Server(fresh_index), Server(fresh_index, "--ann")
+    try:
+        for server, other, qid in ((a, b, "via-a"), (b, a, "via-b")):
+            question = f"Which server took question {qid} about purple giraffes?"
+            assert server.post("/questions", {"id": qid, "question": question}, headers=AUTH).status_code == 200
+            assert other.top(question)["id"] == qid
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_fold_moves_additions_into_the_index_folder(fresh_index, capsys):
+    with make_client(fresh_index) as c:
+        r = c.post("/questions", json={"questions": [{"id": f"f{i}", "question": crash_question(i)}
+                                                     for i in range(5)]}, headers=AUTH)
+        assert r.json()["added"] == 5
+    before = len(retrieval.Index(fresh_index))
+    index.main(["--fold", "--out_dir", fresh_index])
+    folded = retrieval.Index(fresh_index)
+    assert len(folded) == before + 5 and folded.questions[0][-5:] == [f"f{i}" for i in range(5)]
+    assert folded.manifest["sources"][-1]["kind"] == "serve.py additions"
+    assert folded.manifest["ann"] is not None  # the ANN index covers the new rows too
+    index.main(["--fold", "--out_dir", fresh_index])  # nothing left: a no-op
+    assert len(retrieval.Index(fresh_index)) == before + 5
+    with make_client(fresh_index) as c:
+        stats = c.get("/stats").json()["questions"]
+        assert stats["added"] == 0 and stats["index"] == before + 5
+        assert c.post("/search", json={"question": crash_question(3), "k": 1}).json()["results"][0]["id"] == "f3"
+    assert "folded 5" in capsys.readouterr().out
+
+
+def test_fold_refuses_a_model_or_an_input(fresh_index, built, capsys):
+    assert "--fold" in run_bad(index.main, ["--fold", "--out_dir", fresh_index, built["ckpt"]], capsys)
+
+
+# ----------------------------------------------------------------------------- the page, in a browser
+
+def chromium():
+    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium here (Debian: apt-get install chromium)")
+def test_page_in_a_real_browser_finds_a_duplicate_and_a_posted_question(fresh_index, built):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    ids, texts = index_questions(built["index"])
+    server = Server(fresh_index)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            first = page.locator("#results li .text").first
+            page.locator("#question").press_sequentially(texts[21].upper(), delay=5)  # typed, key by key
+            sync_api.expect(first).to_have_text(texts[21], timeout=15_000)
+            assert "p(duplicate)" in page.locator("#results li .score").first.inner_text()
+
+            new = "Where could a purple giraffe find a good dentist?"
+            page.locator("#question").fill("")
+            page.locator("#question").press_sequentially(new, delay=5)
+            page.once("dialog", lambda dialog: dialog.accept(TOKEN))  # the page asks for the token
+            page.locator("#post").click()
+            sync_api.expect(page.locator("#posted")).to_contain_text("posted as #", timeout=15_000)
+            page.locator("#question").fill("")
+            page.locator("#question").press_sequentially(new, delay=5)
+            sync_api.expect(first).to_have_text(new, timeout=15_000)
+            browser.close()
+    finally:
+        server.stop()
