@@ -31,6 +31,17 @@ Stages (--stages, comma-separated, or 'all'):
               on CUDA all the questions of the synthesized --rows-row file (537,933 for 404,290);
               with --search_index, the vectors of an index.py folder. The latency and recall
               targets apply at Kaggle's scale (>= 500k questions) only.
+  serve       serve.py started on 127.0.0.1 (and stopped) on the index of a train.py checkpoint of the
+              bundled MiniLM (2 steps: a trained one costs the same) over the real rows' folder, or
+              --serve_index; a bounded client (httpx + asyncio, a fixed number of requests per level,
+              closed loop) at concurrency 1, 8 and 32: requests/s and p50/p95/p99 ms of /search
+              (exact, and ANN at 1 and 32) and /score, with dynamic batching (--max_batch 64) and
+              without it (--max_batch 1) in the same run; errors counted. Faults: a writer adds 1,000
+              questions while searches run, then every acknowledged one is searched for; a server
+              killed with SIGKILL in the middle of writes is restarted and every acknowledged one is
+              searched for. Targets (2 CPU cores, the real rows' index): /search p95 < 50 ms at
+              concurrency 1, >= 150 requests/s at 32 with batching and >= 3x the rate without, no
+              error, nothing lost; with an index of >= 500k questions, ANN p95 < 60 ms at 1.
   gpu         on CUDA: the train and infer stages, plus model FLOPs utilization (6 x non-embedding
               parameters x real tokens over the measured bf16 matmul rate), the share of step time
               blocked on the loader, peak memory, compile seconds, distinct batch shapes, the
@@ -45,6 +56,8 @@ import json
 import math
 import os
 import random
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -57,13 +70,14 @@ import reference
 from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable, padding_stats, shapes_of, to_device
 from hub import BUNDLED_MODEL
-from measure import (DISTILBERT_CONFIG, Workspace, attention_kernels, bench_search, end_to_end, format_table,
-                     git_commit, machine_info, matmul_tflops, notebook_train, ours_train, peer_train, row, sync,
-                     synthesize, versions)
+from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kernels, bench_search, end_to_end,
+                     format_table, git_commit, kill_during_writes, load, machine_info, matmul_tflops, notebook_train,
+                     ours_train, peer_train, row, run_child, sync, synthesize, versions, writes_during_searches)
+from retrieval import Index
 from text import read_pairs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("preprocess", "data", "padding", "train", "infer", "search", "gpu")
+STAGES = ("preprocess", "data", "padding", "train", "infer", "search", "serve", "gpu")
 NOTEBOOK_EPOCH_PAIRS = 461_792         # the notebook's training set (80% of 577,240 augmented pairs)
 NOTEBOOK_EPOCH_MINUTES = 21.6          # its logged epoch time on Colab's GPU (3608 steps in 21:36)
 SEARCH_TARGET_SCALE = 500_000          # questions: the search latency targets are for Kaggle's 538k
@@ -79,13 +93,13 @@ RANGES = {"batch_size": (lambda v: v >= 1, "at least 1"), "warmup_steps": auto_o
           "reference_steps": auto_or(1), "data_batches": (lambda v: v >= 1, "at least 1"),
           "infer_pairs": auto_or(1), "rows": (lambda v: v >= 1000, "at least 1000 (pairs for three splits)"),
           "notebook_rows": (lambda v: v >= 0, "0 (all) or more"), "num_workers": auto_or(0),
-          "e2e_timeout": (lambda v: v >= 1, "at least 1"),
+          "e2e_timeout": (lambda v: v >= 1, "at least 1"), "serve_requests": (lambda v: v >= 50, "at least 50"),
           "seed": (lambda v: 0 <= v <= 2 ** 31 - 1, f"in [0, {2 ** 31 - 1}] (faiss takes a 32-bit seed)")}
 
 
 @dataclass
 class BenchConfig:
-    stages: str = arg("all", "comma-separated, from preprocess,data,padding,train,infer,search,gpu; or all")
+    stages: str = arg("all", "comma-separated, from preprocess,data,padding,train,infer,search,serve,gpu; or all")
     encoder: str = arg("auto", "auto: bundled MiniLM on CPU, distilbert-config (random 66M DistilBERT) "
                                "on CUDA; or an HF name or folder")
     device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda")
@@ -103,6 +117,9 @@ class BenchConfig:
     e2e_timeout: int = arg(900, "gpu: seconds train.py may take end to end")
     search_index: str = arg("", "search: time search over this index.py folder (its vectors, its ANN) "
                                 "instead of random unit vectors")
+    serve_index: str = arg("", "serve: serve a copy of this index.py folder (a checkpoint's, with --ann) "
+                               "instead of building one from the real rows")
+    serve_requests: int = arg(400, "serve: requests per load level (x2 at concurrency 32)")
     seed: int = arg(0, "pair sample, shuffles, weights")
     out: str = arg("bench.json", "the JSON report")
 
@@ -130,9 +147,10 @@ def make_plan(cfg, rt):
     unknown = set(named) - set(STAGES) - {"all"}
     if unknown:
         raise UserError(f"--stages: unknown {', '.join(sorted(unknown))}", f"use 'all' or some of {','.join(STAGES)}")
-    if cfg.search_index and not os.path.isfile(os.path.join(cfg.search_index, "manifest.json")):
-        raise UserError(f"--search_index {cfg.search_index}: not an index folder (no manifest.json)",
-                        "pass a folder index.py wrote")
+    for flag in ("search_index", "serve_index"):
+        path = getattr(cfg, flag)
+        if path and not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise UserError(f"--{flag} {path}: not an index folder (no manifest.json)", "pass a folder index.py wrote")
     encoder = cfg.encoder if cfg.encoder != "auto" else DISTILBERT_CONFIG if rt.cuda else BUNDLED_MODEL
 
     def pick(value, on_cpu, on_cuda):
@@ -392,8 +410,103 @@ def stage_search(ws, cfg, plan, rt):
         row("search", "search memory MB (exact matrix, ANN)", sum(r["memory_mb"].values()), None, None)]}
 
 
+def serve_index(ws, cfg):
+    """The index to serve, a copy in the workspace (the stage adds questions beside it): --serve_index,
+    or built from the real rows by the scripts themselves: preprocess.py, train.py for 2 steps (a
+    checkpoint with its classifier; speed does not depend on how long it trained), index.py --ann."""
+    path = os.path.join(ws.tmp, "serve_index")
+    if cfg.serve_index:
+        shutil.copytree(cfg.serve_index, path)
+        return path, {"index": os.path.abspath(cfg.serve_index)}
+    data, run_dir, t0 = os.path.join(ws.tmp, "serve_data"), os.path.join(ws.tmp, "serve_run"), time.time()
+    run_child([sys.executable, "preprocess.py", cfg.data, "--out_dir", data], ws.tmp, "serve_preprocess")
+    run_child([sys.executable, "train.py", "--data_dir", data, "--out_dir", run_dir, "--max_steps", "2",
+               "--batch_size", "16", "--num_workers", "0", "--device", "cpu"], ws.tmp, "serve_train")
+    seconds, _ = run_child([sys.executable, "index.py", os.path.join(run_dir, "ckpt.pt"), data, "--out_dir", path,
+                            "--ann", "--device", "cpu"], ws.tmp, "serve_index")
+    return path, {"index": f"{os.path.basename(cfg.data)}'s questions, a 2-step train.py checkpoint of "
+                           f"{BUNDLED_MODEL}, built here", "index_seconds": seconds,
+                  "setup_seconds": time.time() - t0}
+
+
+def stage_serve(ws, cfg, plan, rt):
+    """serve.py under load: search and score at three concurrency levels, batching on and off, exact
+    and ANN; then the two fault checks (measure.writes_during_searches, measure.kill_during_writes)."""
+    index_dir, built = serve_index(ws, cfg)
+    index = Index(index_dir)
+    if index.manifest["model"]["kind"] != "checkpoint" or index.manifest.get("ann") is None:
+        raise UserError(f"--serve_index {cfg.serve_index}: the stage needs an index of a checkpoint (for /score) "
+                        "with an ANN index", "build one: python index.py out/ckpt.pt INPUT --out_dir NEW --ann")
+    rng = np.random.default_rng(cfg.seed)
+    texts = index.questions[1]
+    picks = rng.choice(len(texts), 2000, replace=len(texts) < 2000).tolist()
+    searches = [{"question": texts[i], "k": 10} for i in picks]  # known questions: the work of any
+    scores = [{"pairs": [[texts[i], texts[j]]]} for i, j in zip(picks, picks[::-1])]
+    n, token = cfg.serve_requests, "bench-token"
+    device = ["--device", str(rt.device)]
+    levels = {}
+
+    def measure(name, server, path, bodies, concurrency):
+        levels[name] = load(server.url, path, bodies, concurrency, n * (2 if concurrency >= 32 else 1))
+        r = levels[name]
+        print(f"  {name}: {r['requests_per_sec']:.1f} requests/s, p50/p95/p99 {r['p50_ms']:.1f}/{r['p95_ms']:.1f}/"
+              f"{r['p99_ms']:.1f} ms, {r['errors']} errors", flush=True)
+
+    with ServerProcess(index_dir, *device, token=token, log_path=os.path.join(ws.tmp, "serve_on.log")) as server:
+        load(server.url, "/search", searches[:50], 4, 50)  # warm-up: connections, allocator, caches
+        for c in (1, 8, 32):
+            measure(f"search_exact_batched_c{c}", server, "/search", searches, c)
+        for c in (1, 32):
+            measure(f"score_batched_c{c}", server, "/score", scores, c)
+        batching = server.stats()["batching"]
+        faults = {"writes_during_searches": writes_during_searches(server, searches, 1000, 8)}
+        print(f"  1,000 writes during searches: {faults['writes_during_searches']}", flush=True)
+    with ServerProcess(index_dir, "--max_batch", "1", *device, token=token,
+                       log_path=os.path.join(ws.tmp, "serve_off.log")) as server:
+        load(server.url, "/search", searches[:50], 4, 50)
+        for c in (1, 8, 32):
+            measure(f"search_exact_unbatched_c{c}", server, "/search", searches, c)
+        measure("score_unbatched_c32", server, "/score", scores, 32)
+    with ServerProcess(index_dir, "--ann", *device, token=token, log_path=os.path.join(ws.tmp, "serve_ann.log")) as server:
+        load(server.url, "/search", searches[:50], 4, 50)
+        for c in (1, 32):
+            measure(f"search_ann_batched_c{c}", server, "/search", searches, c)
+    faults["kill_9_during_writes"] = kill_during_writes(index_dir, device, token, kill_after=200, log_dir=ws.tmp)
+    print(f"  kill -9 during writes: {faults['kill_9_during_writes']}", flush=True)
+
+    on, off = levels["search_exact_batched_c32"], levels["search_exact_unbatched_c32"]
+    one, ann1 = levels["search_exact_batched_c1"], levels["search_ann_batched_c1"]
+    errors = sum(r["errors"] for r in levels.values()) + faults["writes_during_searches"]["search_errors"] + \
+        faults["writes_during_searches"]["write_errors"]
+    lost = faults["writes_during_searches"]["lost"] + faults["kill_9_during_writes"]["lost"]
+    at_scale = len(index) >= SEARCH_TARGET_SCALE
+    corpus = f"{len(index):,} questions"
+    rows = [row("serve", f"/search p95 ms, concurrency 1 (exact, {corpus})", one["p95_ms"], None, None,
+                "< 50 ms", one["p95_ms"] < 50),
+            row("serve", "/search requests/s, concurrency 32: batched vs one at a time", on["requests_per_sec"],
+                off["requests_per_sec"], on["requests_per_sec"] / off["requests_per_sec"], ">= 150/s, >= 3x",
+                on["requests_per_sec"] >= 150 and on["requests_per_sec"] / off["requests_per_sec"] >= 3),
+            row("serve", "  p95 ms at 32: batched vs one at a time", on["p95_ms"], off["p95_ms"],
+                off["p95_ms"] / on["p95_ms"]),
+            row("serve", "/search requests/s, concurrency 8: batched vs not", levels["search_exact_batched_c8"]
+                ["requests_per_sec"], levels["search_exact_unbatched_c8"]["requests_per_sec"],
+                levels["search_exact_batched_c8"]["requests_per_sec"] /
+                levels["search_exact_unbatched_c8"]["requests_per_sec"]),
+            row("serve", f"/search ANN p95 ms, concurrency 1 ({corpus})", ann1["p95_ms"], None, None,
+                *(("< 60 ms", ann1["p95_ms"] < 60) if at_scale else ("-", None))),
+            row("serve", "/score (1 pair) requests/s, concurrency 32: batched vs not",
+                levels["score_batched_c32"]["requests_per_sec"], levels["score_unbatched_c32"]["requests_per_sec"],
+                levels["score_batched_c32"]["requests_per_sec"] / levels["score_unbatched_c32"]["requests_per_sec"]),
+            row("serve", "errors (every level and fault check)", errors, None, None, "0", errors == 0),
+            row("serve", "acknowledged questions lost (1,000 writes during searches; kill -9)", lost, None, None,
+                "0", lost == 0)]
+    return {**built, "corpus": len(index), "levels": levels, "batching_stats_after_loads": batching,
+            "faults": faults, "requests_per_level": n, "ratio": on["requests_per_sec"] / off["requests_per_sec"],
+            "rows": rows}
+
+
 STAGE_FUNCTIONS = {"preprocess": stage_preprocess, "data": stage_data, "padding": stage_padding,
-                   "train": stage_train, "infer": stage_infer, "search": stage_search}
+                   "train": stage_train, "infer": stage_infer, "search": stage_search, "serve": stage_serve}
 
 
 # ----------------------------------------------------------------------------- main

@@ -11,6 +11,9 @@ table and the machine, versions and commit it ran on; and what the stages time:
 - end_to_end: train.py --epochs 1 on the synthesized file, as a user runs it.
 - measure_speed / bench_search: exact and ANN search latency, ANN recall against exact, index
   build speed (bench.py's search stage, search.py --speed).
+- ServerProcess / load / writes_during_searches / kill_during_writes: serve.py in its own process,
+  a bounded closed-loop HTTP client (httpx + asyncio: a fixed number of requests at a fixed
+  concurrency), and the service's two fault checks (bench.py's serve stage, tests/test_serve.py).
 """
 import copy
 import json
@@ -454,3 +457,215 @@ def bench_search(encoder, questions_path, rt, batch_size=256, seed=0, sample=409
     queries = np.asarray(vectors[picks], np.float32)
     return {"build": build, "corpus": kind,
             **measure_speed(np.asarray(vectors, np.float16), queries, rt, exclude=picks[:, None], ann=ann, seed=seed)}
+
+
+# ----------------------------------------------------------------------------- the service
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """serve.py in its own process on a free loopback port, up when /healthz answers (its output
+    in log_path, or captured for an error); stop() sends SIGTERM, kill() SIGKILL."""
+
+    def __init__(self, index_dir, *flags, token="", log_path=None, timeout=180):
+        import httpx
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(index_dir)),
+                                                 f"serve_{self.port}.log")
+        self.log = open(self.log_path, "w")
+        self.token = token
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), index_dir, "--port",
+                                      str(self.port), *(["--token", token] if token else []), *flags],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.log.close()
+                with open(self.log_path) as f:
+                    raise RuntimeError(f"serve.py exited {self.proc.returncode}: {f.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.kill()
+                raise RuntimeError(f"serve.py did not answer /healthz within {timeout} s (log: {self.log_path})")
+            time.sleep(0.2)
+
+    def post(self, path, body, auth=False, timeout=30):
+        import httpx
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout)
+
+    def stats(self):
+        import httpx
+        return httpx.get(self.url + "/stats", timeout=30).json()
+
+    def kill(self):
+        self.stop(signal_name="SIGKILL")
+
+    def stop(self, signal_name="SIGTERM"):
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(getattr(signal, signal_name))
+            self.proc.wait(60)
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+async def http_load(url, path, bodies, concurrency, n_requests, headers=None, timeout=60):
+    """n_requests POSTs of bodies (cycled) to url+path from `concurrency` clients, each sending its
+    next request when its last one is answered (a closed loop: the offered load is what the
+    server sustains). Returns requests/s, latency percentiles (ms), errors (non-2xx or failed)."""
+    import asyncio
+    import httpx
+    latencies, errors, sent = [], [], [0]
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, headers=headers,
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one_client():
+            while sent[0] < n_requests:
+                body = bodies[sent[0] % len(bodies)]
+                sent[0] += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(path, json=body)
+                    if r.status_code >= 300:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                latencies.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    ms = 1e3 * np.array(latencies)
+    return {"path": path, "concurrency": concurrency, "requests": len(latencies), "seconds": seconds,
+            "requests_per_sec": len(latencies) / seconds, "errors": len(errors), "first_errors": errors[:3],
+            **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}}
+
+
+def load(url, path, bodies, concurrency, n_requests, headers=None):
+    import asyncio
+    return asyncio.run(http_load(url, path, bodies, concurrency, n_requests, headers))
+
+
+def new_question(i, tag):
+    """A question no index holds, unique per (tag, i)."""
+    return f"[{tag} {i}] Where can I find a purple giraffe costume in size {i} before the {tag} parade?"
+
+
+def found_by_search(server, questions, ids, concurrency=16):
+    """How many of these (question, id) the server returns first when asked the question itself."""
+    import asyncio
+    import httpx
+
+    async def run():
+        found, todo = [], list(zip(questions, ids))
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            async def worker():
+                while todo:
+                    q, qid = todo.pop()
+                    r = await client.post("/search", json={"question": q, "k": 1})
+                    found.append(r.status_code == 200 and r.json()["results"][0]["id"] == qid)
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return sum(found)
+    return asyncio.run(run())
+
+
+def writes_during_searches(server, search_bodies, n_writes=1000, search_concurrency=8, writers=4, tag="w"):
+    """A writer adds n_writes questions, one per request (each committed before its reply), over
+    `writers` connections, while searches run at search_concurrency until it is done; then every
+    acknowledged question is searched for. Returns the write rate, the searches' latency and
+    errors, and acknowledged vs found."""
+    import asyncio
+    import httpx
+
+    async def run():
+        acked, write_errors, done = [], [], asyncio.Event()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     headers={"Authorization": f"Bearer {server.token}"}) as client:
+            async def writer():
+                t0, todo = time.perf_counter(), list(range(n_writes))[::-1]
+
+                async def one():
+                    while todo:
+                        i = todo.pop()
+                        r = await client.post("/questions", json={"id": f"{tag}{i}", "question": new_question(i, tag)})
+                        (acked if r.status_code == 200 else write_errors).append(i if r.status_code == 200 else r.text)
+                await asyncio.gather(*(one() for _ in range(writers)))
+                done.set()
+                return time.perf_counter() - t0
+
+            async def searches():
+                lat, errors, i = [], 0, 0
+                async def one():
+                    nonlocal errors, i
+                    while not done.is_set():
+                        body = search_bodies[i % len(search_bodies)]
+                        i += 1
+                        t0 = time.perf_counter()
+                        r = await client.post("/search", json=body)
+                        lat.append(time.perf_counter() - t0)
+                        errors += r.status_code != 200
+                await asyncio.gather(*(one() for _ in range(search_concurrency)))
+                return lat, errors
+            write_seconds, (lat, search_errors) = await asyncio.gather(writer(), searches())
+        return acked, write_errors, write_seconds, lat, search_errors
+
+    acked, write_errors, write_seconds, lat, search_errors = asyncio.run(run())
+    found = found_by_search(server, [new_question(i, tag) for i in acked], [f"{tag}{i}" for i in acked])
+    ms = 1e3 * np.array(lat)
+    return {"writes": n_writes, "writer_connections": writers, "acknowledged": len(acked), "write_errors": len(write_errors),
+            "writes_per_sec": n_writes / write_seconds, "searches_meanwhile": len(lat),
+            "search_errors": int(search_errors), "search_p95_ms_meanwhile": float(np.percentile(ms, 95)) if len(ms) else None,
+            "found_after": found, "lost": len(acked) - found}
+
+
+def kill_during_writes(index_dir, flags, token, kill_after=200, tag="k", log_dir=None):
+    """A server takes questions one per request; after kill_after acknowledgements it is killed
+    with SIGKILL (a write in flight), restarted, and every acknowledged question searched for.
+    Returns acknowledged, found after the restart, lost, and the restart's seconds."""
+    import httpx
+    log = os.path.join(log_dir, "serve_kill.log") if log_dir else None
+    server = ServerProcess(index_dir, *flags, token=token, log_path=log)
+    acked, stop = [], threading.Event()
+
+    def writer():
+        for i in range(10 ** 6):
+            if stop.is_set():
+                return
+            try:
+                r = server.post("/questions", {"id": f"{tag}{i}", "question": new_question(i, tag)}, auth=True)
+            except httpx.HTTPError:
+                return  # the server died under this request: never acknowledged
+            if r.status_code == 200:
+                acked.append(i)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    deadline = time.time() + 120
+    while len(acked) < kill_after and time.time() < deadline and thread.is_alive():
+        time.sleep(0.005)
+    server.kill()
+    stop.set()
+    thread.join(60)
+    t0 = time.perf_counter()
+    Index(index_dir)  # the folder still loads (the server never writes it)
+    again = ServerProcess(index_dir, *flags, token=token, log_path=log and log + ".restart")
+    restart = time.perf_counter() - t0
+    try:
+        found = found_by_search(again, [new_question(i, tag) for i in acked], [f"{tag}{i}" for i in acked])
+    finally:
+        again.stop()
+    return {"acknowledged_before_kill": len(acked), "found_after_restart": found, "lost": len(acked) - found,
+            "restart_seconds": restart}

@@ -308,31 +308,45 @@ class AddedQuestions:
         own, self._own_commit = getattr(self, "_own_commit", False), False
         return own or version != seen
 
-    def add(self, ids, texts, vectors, norms, known):
-        """Commit new questions in one transaction, durable before it returns. An id already held
-        (here, by another process, or in the index: known(id) -> its text or None) with the same
-        text is left as it is ("exists": a client's retry is harmless); with another text it is a
-        conflict, and nothing of the call is written. Returns each id's status."""
-        statuses = []
+    def add(self, requests, known):
+        """Commit the questions of several requests in one transaction (group commit: one fsync for
+        a batch of requests), durable before it returns. requests: [(ids, texts, unit vectors,
+        norms)]. An id already held (here, by another process, or in the index: known(id) -> its
+        text or None) with the same text is left as it is ("exists": a client's retry is
+        harmless); with another text it is a conflict, and nothing of that request is written (a
+        savepoint), the others are. Returns per request its ids' statuses, or its UserError."""
+        answers = []
         self.db.execute("BEGIN IMMEDIATE")  # the write lock: no other process adds between check and insert
         try:
-            for qid, text in zip(ids, texts):
-                row = self.db.execute("SELECT text FROM questions WHERE id = ?", (qid,)).fetchone()
-                held = row[0] if row else known(qid)
-                if held is not None and held != text:
-                    raise UserError(f"id {qid} is taken by another question ({held[:80]!r})",
-                                    "post it under a new id, or without an id")
-                statuses.append("exists" if held is not None else "added")
-            now = time.time()
-            self.db.executemany("INSERT INTO questions (id, text, vector, norm, added) VALUES (?, ?, ?, ?, ?)",
-                                [(qid, text, np.asarray(v, np.float16).tobytes(), float(n), now)
-                                 for qid, text, v, n, s in zip(ids, texts, vectors, norms, statuses)
-                                 if s == "added"])
+            for ids, texts, vectors, norms in requests:
+                self.db.execute("SAVEPOINT request")
+                try:
+                    answers.append(self._insert(ids, texts, vectors, norms, known))
+                except UserError as e:
+                    self.db.execute("ROLLBACK TO request")
+                    answers.append(e)
+                self.db.execute("RELEASE request")
             self.db.execute("COMMIT")
             self._own_commit = True
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
+        return answers
+
+    def _insert(self, ids, texts, vectors, norms, known):
+        statuses = []
+        for qid, text in zip(ids, texts):
+            row = self.db.execute("SELECT text FROM questions WHERE id = ?", (qid,)).fetchone()
+            held = row[0] if row else known(qid)
+            if held is not None and held != text:
+                raise UserError(f"id {qid} is taken by another question ({held[:80]!r})",
+                                "post it under a new id, or without an id")
+            statuses.append("exists" if held is not None else "added")
+        now = time.time()
+        self.db.executemany("INSERT INTO questions (id, text, vector, norm, added) VALUES (?, ?, ?, ?, ?)",
+                            [(qid, text, np.asarray(v, np.float16).tobytes(), float(n), now)
+                             for qid, text, v, n, s in zip(ids, texts, vectors, norms, statuses) if s == "added"])
         return statuses
 
     def rows(self, after=0):

@@ -161,15 +161,17 @@ class Service:
         answers = [None] * len(jobs)
         searches = [i for i, job in enumerate(jobs) if job.kind == "search"]
         if searches:  # the batch's queries searched together: one matmul over the corpus
-            answers_of = self.search([pooled[starts[i]] for i in searches], [jobs[i].params for i in searches])
-            for i, answer in zip(searches, answers_of):
+            found = self.search([pooled[starts[i]] for i in searches], [jobs[i].params for i in searches])
+            for i, answer in zip(searches, found):
+                answers[i] = answer
+        adds = [i for i, job in enumerate(jobs) if job.kind == "add"]
+        if adds:  # the batch's additions committed together: one transaction, one fsync
+            added = self.add([jobs[i] for i in adds], [pooled[starts[i]:starts[i + 1]] for i in adds])
+            for i, answer in zip(adds, added):
                 answers[i] = answer
         for i, job in enumerate(jobs):
-            if job.kind != "search":
-                try:
-                    answers[i] = getattr(self, job.kind)(job, pooled[starts[i]:starts[i + 1]])
-                except UserError as e:
-                    answers[i] = e
+            if job.kind == "score":
+                answers[i] = self.score(job, pooled[starts[i]:starts[i + 1]])
         return answers
 
     def search(self, pooled, params):
@@ -201,12 +203,14 @@ class Service:
         probs = retrieval.duplicate_probability(self.qe.classifier, pooled[:n], pooled[n:, None], self.rt)[:, 0]
         return [{"probability": round(float(p), 6), "duplicate": bool(p >= self.threshold)} for p in probs]
 
-    def add(self, job, pooled):
-        """Commit the new questions (durable before the reply), then take them into the corpus."""
-        unit, norms = retrieval.unit(pooled)
-        statuses = self.store.add(job.params["ids"], job.texts, unit, norms, self.live.known)
+    def add(self, jobs, pooled):
+        """Commit the new questions of these requests (durable before any reply), then take them
+        into the corpus: per request its ids' statuses, or the UserError of a conflict."""
+        requests = [(job.params["ids"], job.texts, *retrieval.unit(p)) for job, p in zip(jobs, pooled)]
+        results = self.store.add(requests, self.live.known)
         self.live.sync(self.store)
-        return [{"id": qid, "status": s} for qid, s in zip(job.params["ids"], statuses)]
+        return [r if isinstance(r, UserError) else [{"id": qid, "status": s} for qid, s in zip(job.params["ids"], r)]
+                for job, r in zip(jobs, results)]
 
 
 class Batcher:

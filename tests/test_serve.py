@@ -5,17 +5,13 @@ database, index.py --fold, refusals at start, and the web page in a real headles
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT, synthetic_rows, write_csv
+from conftest import synthetic_rows, write_csv
 from test_evaluate import make_checkpoint, run_bad
 
 import index
@@ -23,6 +19,7 @@ import predict
 import retrieval
 import serve
 import service
+from measure import ServerProcess
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -153,6 +150,24 @@ def test_an_id_taken_by_another_question_is_a_conflict_and_nothing_is_written(cl
     assert client.get("/stats").json()["questions"]["added"] == 0  # the whole request was refused
     same = client.post("/questions", json={"id": ids[0], "question": texts[0]}, headers=AUTH).json()
     assert same["existing"] == 1  # the index's own question under its own id: already there
+
+
+def test_additions_batched_together_commit_together_and_a_conflict_fails_alone(fresh_index, built):
+    """8 posts at once share one batch and one transaction (group commit); the one whose id is
+    taken is refused alone (its savepoint rolled back), the other 7 are written and found."""
+    ids, texts = index_questions(built["index"])
+    posts = [{"id": f"g{i}", "question": f"Group commit question {i} about giraffes?"} for i in range(8)]
+    posts[5] = {"id": ids[0], "question": "Not the question that id names?"}
+    with make_client(fresh_index, max_wait_ms=100.0) as c:
+        before = c.get("/stats").json()["batching"]["batches"]
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda body: c.post("/questions", json=body, headers=AUTH), posts))
+        assert c.get("/stats").json()["batching"]["batches"] - before < 8
+        assert [r.status_code for r in replies] == [200] * 5 + [409] + [200] * 2
+        assert c.get("/stats").json()["questions"]["added"] == 7
+        for body in posts[:5] + posts[6:]:
+            hit = c.post("/search", json={"question": body["question"], "k": 1}).json()["results"][0]
+            assert hit["id"] == body["id"]
 
 
 def test_health_stats_docs_and_page(client):
@@ -322,44 +337,12 @@ def test_flags_out_of_range_exit_2(fresh_index, flag, value, capsys):
 
 # ----------------------------------------------------------------------------- server processes
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """serve.py in its own process on a free loopback port, up when /healthz answers."""
-
+class Server(ServerProcess):
     def __init__(self, index_dir, *flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), index_dir, "--port",
-                                      str(self.port), "--token", TOKEN, *flags], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve.py exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "serve.py did not come up in 120 s"
-            time.sleep(0.2)
-
-    def post(self, path, body, **kwargs):
-        return httpx.post(self.url + path, json=body, timeout=30, **kwargs)
+        super().__init__(index_dir, *flags, token=TOKEN)
 
     def top(self, question):
         return self.post("/search", {"question": question, "k": 1}).json()["results"][0]
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-        self.proc.stdout.close()
 
 
 def crash_question(i):
@@ -375,7 +358,7 @@ def test_kill_9_in_the_middle_of_writes_loses_no_acknowledged_question(fresh_ind
             if stop.is_set():
                 return
             try:
-                r = server.post("/questions", {"id": f"k{i}", "question": crash_question(i)}, headers=AUTH)
+                r = server.post("/questions", {"id": f"k{i}", "question": crash_question(i)}, auth=True)
             except httpx.HTTPError:
                 return  # the server died under us: this one was never acknowledged
             if r.status_code == 200:
@@ -396,7 +379,7 @@ def test_kill_9_in_the_middle_of_writes_loses_no_acknowledged_question(fresh_ind
     retrieval.Index(fresh_index)  # the folder still loads: the server never writes it
     again = Server(fresh_index)
     try:
-        added = again.post("/questions", {"id": "after", "question": "Posted after the restart?"}, headers=AUTH)
+        added = again.post("/questions", {"id": "after", "question": "Posted after the restart?"}, auth=True)
         assert added.status_code == 200
         missing = [i for i in acked if again.top(crash_question(i))["id"] != f"k{i}"]
         assert not missing, f"acknowledged but lost after kill -9: {missing[:10]}"
@@ -409,7 +392,7 @@ def test_two_servers_on_one_database_see_each_others_additions(fresh_index):
     try:
         for server, other, qid in ((a, b, "via-a"), (b, a, "via-b")):
             question = f"Which server took question {qid} about purple giraffes?"
-            assert server.post("/questions", {"id": qid, "question": question}, headers=AUTH).status_code == 200
+            assert server.post("/questions", {"id": qid, "question": question}, auth=True).status_code == 200
             assert other.top(question)["id"] == qid
     finally:
         a.stop()
