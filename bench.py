@@ -71,8 +71,9 @@ from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable, padding_stats, shapes_of, to_device
 from hub import BUNDLED_MODEL
 from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kernels, bench_search, end_to_end,
-                     format_table, git_commit, kill_during_writes, load, machine_info, matmul_tflops, notebook_train,
-                     ours_train, peer_train, row, run_child, sync, synthesize, versions, writes_during_searches)
+                     format_table, git_commit, int8_agreement, kill_during_writes, load, machine_info,
+                     matmul_tflops, notebook_train, ours_train, peer_train, row, run_child, sync, synthesize,
+                     versions, writes_during_searches)
 from retrieval import Index
 from text import read_pairs
 
@@ -471,6 +472,12 @@ def stage_serve(ws, cfg, plan, rt):
         load(server.url, "/search", searches[:50], 4, 50)
         for c in (1, 32):
             measure(f"search_ann_batched_c{c}", server, "/search", searches, c)
+    with ServerProcess(index_dir, "--int8", *device, token=token, log_path=os.path.join(ws.tmp, "serve_int8.log")) as server:
+        load(server.url, "/search", searches[:50], 4, 50)
+        for c in (1, 32):
+            measure(f"search_exact_batched_int8_c{c}", server, "/search", searches, c)
+    agreement = int8_agreement(index_dir, rt, n=500, seed=cfg.seed)
+    print(f"  int8 vs fp32: {agreement}", flush=True)
     faults["kill_9_during_writes"] = kill_during_writes(index_dir, device, token, kill_after=200, log_dir=ws.tmp)
     print(f"  kill -9 during writes: {faults['kill_9_during_writes']}", flush=True)
 
@@ -497,10 +504,18 @@ def stage_serve(ws, cfg, plan, rt):
             row("serve", "/score (1 pair) requests/s, concurrency 32: batched vs not",
                 levels["score_batched_c32"]["requests_per_sec"], levels["score_unbatched_c32"]["requests_per_sec"],
                 levels["score_batched_c32"]["requests_per_sec"] / levels["score_unbatched_c32"]["requests_per_sec"]),
+            row("serve", "/search --int8: p95 ms at 1 (vs fp32)", levels["search_exact_batched_int8_c1"]["p95_ms"],
+                one["p95_ms"], one["p95_ms"] / levels["search_exact_batched_int8_c1"]["p95_ms"]),
+            row("serve", "/search --int8: requests/s at 32, batched (vs fp32)",
+                levels["search_exact_batched_int8_c32"]["requests_per_sec"], on["requests_per_sec"],
+                levels["search_exact_batched_int8_c32"]["requests_per_sec"] / on["requests_per_sec"]),
+            row("serve", f"  --int8 vs fp32 answers: top-1 / top-10 agreement ({agreement['questions']} queries)",
+                agreement["top1_agreement"], agreement["top10_overlap"], None),
             row("serve", "errors (every level and fault check)", errors, None, None, "0", errors == 0),
             row("serve", "acknowledged questions lost (1,000 writes during searches; kill -9)", lost, None, None,
                 "0", lost == 0)]
     return {**built, "corpus": len(index), "levels": levels, "batching_stats_after_loads": batching,
+            "int8_agreement": agreement,
             "faults": faults, "requests_per_level": n, "ratio": on["requests_per_sec"] / off["requests_per_sec"],
             "rows": rows}
 

@@ -64,6 +64,8 @@ class ServeConfig:
     token: str = arg("", f"bearer token that POST /questions needs (or the {service.TOKEN_ENV} environment "
                          "variable); none: adding is off")
     ann: bool = arg(False, "search the index's ANN index (index.py --ann) instead of all vectors")
+    int8: bool = arg(False, "CPU: the encoder's linear layers in int8 (faster; query vectors differ slightly "
+                            "from the index's fp32 ones: bench.py's serve stage measures by how much)")
     nprobe: int = arg(0, "IVF lists probed with --ann (0: the one calibrated when the index was built)")
     threshold_from: str = arg("", "evaluate.py's results.json: /score decides at its validation-tuned "
                                   "threshold (default: <checkpoint dir>/eval_test/results.json if it is this "
@@ -110,6 +112,11 @@ def build(cfg):
     store = retrieval.AddedQuestions(retrieval.added_path(cfg.index), index.manifest["model"], index.manifest["dim"])
     rt = engine.setup_runtime(cfg.device, cfg.precision, file=sys.stderr)
     qe.to(rt.device)
+    if cfg.int8:
+        if rt.device.type != "cpu":
+            raise UserError(f"--int8 on {rt.device}: dynamic int8 quantization runs on the CPU only",
+                            "drop --int8 (a GPU serves in bf16), or pass --device cpu")
+        retrieval.quantize_int8(qe)
     # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
     # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
     inference = retrieval.question_inference(qe, rt, cfg.max_batch, cfg.shapes, engine.resolve_compile(cfg.compile, rt))
