@@ -95,6 +95,7 @@ RANGES = {"batch_size": (lambda v: v >= 1, "at least 1"), "warmup_steps": auto_o
           "infer_pairs": auto_or(1), "rows": (lambda v: v >= 1000, "at least 1000 (pairs for three splits)"),
           "notebook_rows": (lambda v: v >= 0, "0 (all) or more"), "num_workers": auto_or(0),
           "e2e_timeout": (lambda v: v >= 1, "at least 1"), "serve_requests": (lambda v: v >= 50, "at least 50"),
+          "serve_writes": (lambda v: v >= 1, "at least 1"),
           "seed": (lambda v: 0 <= v <= 2 ** 31 - 1, f"in [0, {2 ** 31 - 1}] (faiss takes a 32-bit seed)")}
 
 
@@ -121,6 +122,7 @@ class BenchConfig:
     serve_index: str = arg("", "serve: serve a copy of this index.py folder (a checkpoint's, with --ann) "
                                "instead of building one from the real rows")
     serve_requests: int = arg(400, "serve: requests per load level (x2 at concurrency 32)")
+    serve_writes: int = arg(1000, "serve: questions the writer adds while searches run")
     seed: int = arg(0, "pair sample, shuffles, weights")
     out: str = arg("bench.json", "the JSON report")
 
@@ -460,8 +462,8 @@ def stage_serve(ws, cfg, plan, rt):
         for c in (1, 32):
             measure(f"score_batched_c{c}", server, "/score", scores, c)
         batching = server.stats()["batching"]
-        faults = {"writes_during_searches": writes_during_searches(server, searches, 1000, 8)}
-        print(f"  1,000 writes during searches: {faults['writes_during_searches']}", flush=True)
+        faults = {"writes_during_searches": writes_during_searches(server, searches, cfg.serve_writes, 8)}
+        print(f"  {cfg.serve_writes:,} writes during searches: {faults['writes_during_searches']}", flush=True)
     with ServerProcess(index_dir, "--max_batch", "1", *device, token=token,
                        log_path=os.path.join(ws.tmp, "serve_off.log")) as server:
         load(server.url, "/search", searches[:50], 4, 50)
@@ -512,7 +514,8 @@ def stage_serve(ws, cfg, plan, rt):
             row("serve", f"  --int8 vs fp32 answers: top-1 / top-10 agreement ({agreement['questions']} queries)",
                 agreement["top1_agreement"], agreement["top10_overlap"], None),
             row("serve", "errors (every level and fault check)", errors, None, None, "0", errors == 0),
-            row("serve", "acknowledged questions lost (1,000 writes during searches; kill -9)", lost, None, None,
+            row("serve", f"acknowledged questions lost ({cfg.serve_writes:,} writes during searches; kill -9)", lost,
+                None, None,
                 "0", lost == 0)]
     return {**built, "corpus": len(index), "levels": levels, "batching_stats_after_loads": batching,
             "int8_agreement": agreement,

@@ -259,6 +259,10 @@ def index_rejects(base, questions=None):
 ADDED_FORMAT = "qqp-added-questions-v1"
 
 
+class IdTaken(UserError):
+    """A question posted under an id that names another question."""
+
+
 def added_path(index_dir):
     """Where the questions posted to serve.py live: beside the index folder, not in it (index.py
     replaces the folder in one rename; a database inside would go with it)."""
@@ -335,7 +339,7 @@ class AddedQuestions:
                 self.db.execute("SAVEPOINT request")
                 try:
                     answers.append(self._insert(ids, texts, vectors, norms, known))
-                except UserError as e:
+                except IdTaken as e:
                     self.db.execute("ROLLBACK TO request")
                     answers.append(e)
                 self.db.execute("RELEASE request")
@@ -353,8 +357,8 @@ class AddedQuestions:
             row = self.db.execute("SELECT text FROM questions WHERE id = ?", (qid,)).fetchone()
             held = row[0] if row else known(qid)
             if held is not None and held != text:
-                raise UserError(f"id {qid} is taken by another question ({held[:80]!r})",
-                                "post it under a new id, or without an id")
+                raise IdTaken(f"id {qid} is taken by another question ({held[:80]!r})",
+                              "post it under a new id, or without an id")
             statuses.append("exists" if held is not None else "added")
         now = time.time()
         self.db.executemany("INSERT INTO questions (id, text, vector, norm, added) VALUES (?, ?, ?, ?, ?)",

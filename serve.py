@@ -119,7 +119,10 @@ def build(cfg):
         retrieval.quantize_int8(qe)
     # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
     # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
-    inference = retrieval.question_inference(qe, rt, cfg.max_batch, cfg.shapes, engine.resolve_compile(cfg.compile, rt))
+    # Encoder batches of at least 64 questions: a request of many (a /score of 256 pairs) is not cut
+    # into batches of 1 when batching across requests is off.
+    inference = retrieval.question_inference(qe, rt, max(cfg.max_batch, 64), cfg.shapes,
+                                             engine.resolve_compile(cfg.compile, rt))
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
     live.sync(store)

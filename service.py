@@ -185,9 +185,10 @@ class Service:
         for q, p in enumerate(params):
             s, r = scores[q:q + 1], rows[q:q + 1]
             probs = None
-            if p["rerank"]:
-                s, r, probs = retrieval.rerank(self.qe.classifier, pooled[q:q + 1], self.live, s[:, :self.rerank_depth],
-                                               r[:, :self.rerank_depth], self.rt)
+            if p["rerank"]:  # the top max(k, rerank_depth) reordered by the classifier
+                d = max(p["k"], self.rerank_depth)
+                s, r, probs = retrieval.rerank(self.qe.classifier, pooled[q:q + 1], self.live, s[:, :d], r[:, :d],
+                                               self.rt)
             elif self.qe.classifier is not None:
                 s, r = s[:, :p["k"]], r[:, :p["k"]]
                 probs = retrieval.duplicate_probability(self.qe.classifier, pooled[q:q + 1],
@@ -205,7 +206,7 @@ class Service:
 
     def add(self, jobs, pooled):
         """Commit the new questions of these requests (durable before any reply), then take them
-        into the corpus: per request its ids' statuses, or the UserError of a conflict."""
+        into the corpus: per request its ids' statuses, or its retrieval.IdTaken."""
         requests = [(job.params["ids"], job.texts, *retrieval.unit(p)) for job, p in zip(jobs, pooled)]
         results = self.store.add(requests, self.live.known)
         self.live.sync(self.store)
@@ -462,9 +463,14 @@ def make_app(service, batcher, limits, token="", about=None):
     async def _api_error(request, exc):
         return error(exc.status, exc.field, exc.message)
 
-    @app.exception_handler(UserError)
-    async def _user_error(request, exc):  # e.g. an id taken by another question
+    @app.exception_handler(retrieval.IdTaken)
+    async def _id_taken(request, exc):
         return error(409, "id", str(exc))
+
+    @app.exception_handler(UserError)
+    async def _server_problem(request, exc):  # e.g. NaN vectors: the server's to fix, said in one line
+        print(f"error: {exc}", file=sys.stderr)
+        return error(500, "", str(exc))
 
     app.add_middleware(Guard, limits=limits, stats=stats)
 
@@ -476,7 +482,7 @@ def make_app(service, batcher, limits, token="", about=None):
         t0 = time.perf_counter()
         answers = await batcher.submit(Job("search", [req.question], {"k": req.k, "rerank": req.rerank}))
         return {"question": req.question, "k": req.k, "rerank": req.rerank, "results": answers,
-                "ms": round((time.perf_counter() - t0) * 1000, 2)}
+                "threshold": service.threshold, "ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     @app.post("/score", summary="duplicate probability of question pairs")
     async def score(req: ScoreRequest):

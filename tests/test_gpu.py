@@ -132,3 +132,29 @@ def _teach(r):
                          ids=lambda f: f.__name__.strip("_"))
 def test_every_script_runs_on_cuda(cuda_run, script):
     script(cuda_run)
+
+
+def test_serve_on_cuda_answers_like_the_cpu(tmp_path, tiny_data):
+    """serve.py on CUDA (packed batches, compiled with CUDA graphs at start, bf16): a planted
+    duplicate comes first, and the cosines match the CPU server's to bf16 precision."""
+    import shutil
+
+    import index
+    import retrieval
+    import serve
+    from fastapi.testclient import TestClient
+    from test_evaluate import make_checkpoint
+    ckpt = make_checkpoint(tmp_path / "run" / "ckpt.pt", tiny_data)
+    index.main([ckpt, tiny_data, "--out_dir", str(tmp_path / "index"), "--device", "cpu"])
+    ids, texts = retrieval.Index(str(tmp_path / "index")).questions
+    answers = {}
+    for device in ("cpu", "cuda"):
+        folder = str(tmp_path / f"index_{device}")
+        shutil.copytree(tmp_path / "index", folder)
+        app, _ = serve.build(serve.ServeConfig(index=folder, device=device))
+        with TestClient(app) as c:
+            answers[device] = [c.post("/search", json={"question": texts[i].upper(), "k": 3}).json()["results"]
+                               for i in (0, 5, 9)]
+    for i, cpu, cuda in zip((0, 5, 9), answers["cpu"], answers["cuda"]):
+        assert cuda[0]["id"] == ids[i]
+        np.testing.assert_allclose([h["cosine"] for h in cuda], [h["cosine"] for h in cpu], atol=2e-2)

@@ -459,3 +459,31 @@ def test_page_in_a_real_browser_finds_a_duplicate_and_a_posted_question(fresh_in
             browser.close()
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------- int8, and the bench stage
+
+def test_int8_encoder_still_finds_the_planted_duplicate(fresh_index, built):
+    ids, texts = index_questions(built["index"])
+    with make_client(fresh_index, int8=True) as c:
+        hit = c.post("/search", json={"question": texts[11].upper(), "k": 1}).json()["results"][0]
+        assert hit["id"] == ids[11] and hit["cosine"] > 0.98  # int8 query vs the index's fp32 vector
+
+
+def test_bench_serve_stage_runs_and_reports_its_rows(built, tmp_path):
+    """bench.py --stages serve on the tiny index: every level, both fault checks, nothing lost, no
+    error (speed on a tiny random model says nothing; the stage's code is what is checked)."""
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--stages", "serve", "--serve_index", built["index"], "--serve_requests", "50", "--serve_writes",
+                "60", "--out", str(out)])
+    stage = json.loads(out.read_text())["stages"]["serve"]
+    assert {"search_exact_batched_c32", "search_exact_unbatched_c32", "search_ann_batched_c1",
+            "score_batched_c32", "search_exact_batched_int8_c32"} <= set(stage["levels"])
+    assert all(level["errors"] == 0 for level in stage["levels"].values())
+    writes, kill = stage["faults"]["writes_during_searches"], stage["faults"]["kill_9_during_writes"]
+    assert writes["acknowledged"] == 60 and writes["lost"] == 0 and writes["searches_meanwhile"] > 0
+    assert kill["acknowledged_before_kill"] >= 1 and kill["lost"] == 0
+    rows = {r["measure"]: r for r in stage["rows"]}
+    assert rows["errors (every level and fault check)"]["pass"] is True
+    assert stage["int8_agreement"]["questions"] > 0
