@@ -125,10 +125,9 @@ def build(cfg):
                                              engine.resolve_compile(cfg.compile, rt))
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
-    live.sync(store)
-    work.warm_up()  # lazy initialization (on CUDA: the compile) paid now, not by the first user
-    limits = service.Limits(cfg.max_body_bytes, cfg.max_questions, cfg.max_question_chars, cfg.max_k)
     batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms)
+    batcher.run_now(work.warm_up)  # lazy initialization (on CUDA: the compile) paid now, not by the first user
+    limits = service.Limits(cfg.max_body_bytes, cfg.max_questions, cfg.max_question_chars, cfg.max_k)
     about = {"index": os.path.abspath(cfg.index), "database": store.path, "started_in_s": round(time.time() - t0, 1)}
     app = service.make_app(work, batcher, limits, token, about)
     return app, {**about, "corpus": len(live), "model": describe_model(qe.record), "token": bool(token)}

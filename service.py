@@ -143,11 +143,14 @@ class Service:
         self.batches, self.batched_questions = 0, 0
 
     def warm_up(self):
-        """One batch of each kind before the first request, not counted in /stats."""
+        """Before the first request, not counted in /stats: one batch of each kind, then a full
+        one (on CUDA each batch shape is compiled and recorded the first time it is seen)."""
         jobs = [Job("search", ["How do I learn Python?"], {"k": 1, "rerank": False})]
         if self.qe.classifier is not None:
             jobs.append(Job("score", ["How do I learn Python?", "What is the best way to learn Python?"]))
         self.work(jobs)
+        texts = self.live.texts[:self.inference.batch_size]
+        self.work([Job("search", [t], {"k": 1, "rerank": False}) for t in texts])
         self.batches = self.batched_questions = 0
 
     def work(self, jobs):
@@ -222,6 +225,11 @@ class Batcher:
         self.work, self.max_batch, self.max_wait = work, max_batch, max_wait_ms / 1000
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.queue, self.task = None, None
+
+    def run_now(self, fn):
+        """fn() in the worker thread, waited for: the warm-up, on the thread every batch runs on
+        (CUDA graphs are recorded per thread)."""
+        return self.executor.submit(fn).result()
 
     def start(self):
         self.queue = asyncio.Queue()
