@@ -303,6 +303,9 @@ class AddedQuestions:
                                  ("dim", str(dim))])
             self.db.execute("COMMIT")
             meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        except sqlite3.OperationalError as e:  # cannot open or write: a read-only place, a full disk, a lock
+            raise UserError(f"{path}: cannot open or write the database of added questions ({e})",
+                            "make its folder writable (it lies beside the index folder) and free space") from None
         except sqlite3.DatabaseError as e:
             raise UserError(f"{path}: not a database of added questions ({e})",
                             "move the file away (it is not this index's), then start again") from None

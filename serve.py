@@ -34,7 +34,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
+
+import torch
 
 import engine
 import retrieval
@@ -46,6 +49,7 @@ from model import describe_model
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0: any free port)"),
           "max_batch": (lambda v: v >= 1, "at least 1 (1: no batching)"),
+          "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
           "max_wait_ms": (lambda v: 0 <= v <= 1000, "in [0, 1000]"),
           "nprobe": (lambda v: v >= 0, "0 (as calibrated) or more"),
           "rerank_depth": (lambda v: v >= 1, "at least 1"),
@@ -70,6 +74,7 @@ class ServeConfig:
     threshold_from: str = arg("", "evaluate.py's results.json: /score decides at its validation-tuned "
                                   "threshold (default: <checkpoint dir>/eval_test/results.json if it is this "
                                   "checkpoint's, else 0.5)")
+    threads: int = arg(0, "CPU: torch threads the encoder uses (0: torch's default, one per core)")
     max_batch: int = arg(64, "questions embedded together at most (dynamic batching; 1: off)")
     max_wait_ms: float = arg(2.0, "after the first request of a batch, wait at most this long for more")
     rerank_depth: int = arg(50, "candidates a search with rerank re-scores")
@@ -126,6 +131,8 @@ def build(cfg):
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
     batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms)
+    if cfg.threads:  # set on the worker thread, where the encoder runs (OpenMP's setting is per thread)
+        batcher.run_now(partial(torch.set_num_threads, cfg.threads))
     batcher.run_now(work.warm_up)  # lazy initialization (on CUDA: the compile) paid now, not by the first user
     limits = service.Limits(cfg.max_body_bytes, cfg.max_questions, cfg.max_question_chars, cfg.max_k)
     about = {"index": os.path.abspath(cfg.index), "database": store.path, "started_in_s": round(time.time() - t0, 1)}

@@ -487,3 +487,10 @@ def test_bench_serve_stage_runs_and_reports_its_rows(built, tmp_path):
     rows = {r["measure"]: r for r in stage["rows"]}
     assert rows["errors (every level and fault check)"]["pass"] is True
     assert stage["int8_agreement"]["questions"] > 0
+
+
+def test_a_database_that_is_not_one_refuses_to_start(fresh_index, capsys):
+    with open(retrieval.added_path(fresh_index), "w") as f:
+        f.write("these are not the rows you are looking for\n" * 100)
+    err = run_bad(serve.main, [fresh_index], capsys)
+    assert "not a database" in err and "Fix:" in err
