@@ -30,7 +30,9 @@ one-line JSON error naming the field. The index's model is fingerprint-checked a
 checkpoint: --checkpoint), like search.py.
 """
 import ipaddress
+import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ from metrics import tuned_threshold
 from model import describe_model
 
 # What each numeric flag may be: (test, the rule in words).
-RANGES = {"port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0: any free port)"),
+RANGES = {"port": (lambda v: 1 <= v <= 65535, "in [1, 65535]"),
           "max_batch": (lambda v: v >= 1, "at least 1 (1: no batching)"),
           "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
           "max_wait_ms": (lambda v: 0 <= v <= 1000, "in [0, 1000]"),
@@ -64,7 +66,7 @@ class ServeConfig:
     index: str = arg("", "index folder written by index.py")
     checkpoint: str = arg("", "the index's checkpoint where it is now, if it moved (fingerprint-checked)")
     host: str = arg("127.0.0.1", "address to listen on (not loopback: a token is required)")
-    port: int = arg(8000, "port to listen on (0: any free one, printed)")
+    port: int = arg(8000, "port to listen on")
     token: str = arg("", f"bearer token that POST /questions needs (or the {service.TOKEN_ENV} environment "
                          "variable); none: adding is off")
     ann: bool = arg(False, "search the index's ANN index (index.py --ann) instead of all vectors")
@@ -151,6 +153,13 @@ def check_config(cfg, token):
     if not is_loopback(cfg.host) and not token:
         raise UserError(f"--host {cfg.host} is reachable from other machines, and no token is set: anyone "
                         "could add questions", f"set {service.TOKEN_ENV} (or --token), or serve on 127.0.0.1")
+    try:  # the port, before minutes of loading: in use, or not this machine's address
+        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
+            s.bind((cfg.host, cfg.port))
+    except OSError as e:
+        raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({e.strerror})",
+                        "pass another --port (another server may hold this one), or an address of this "
+                        "machine") from None
     if cfg.threshold_from and not os.path.isfile(cfg.threshold_from):
         raise UserError(f"--threshold_from {cfg.threshold_from}: no such file", "pass the results.json of "
                         "evaluate.py on this checkpoint")
@@ -174,13 +183,13 @@ def decision_threshold(cfg, qe):
     if cfg.threshold_from:
         return tuned_threshold(cfg.threshold_from, ckpt), f"best F1 on validation ({cfg.threshold_from})"
     found = os.path.join(os.path.dirname(ckpt), "eval_test", "results.json")
-    if os.path.isfile(found):
-        try:
-            value = tuned_threshold(found, ckpt)
-        except UserError:
-            value = None
-        if value is not None:
-            return value, f"best F1 on validation ({found})"
+    try:
+        with open(found) as f:
+            of_this_checkpoint = json.load(f).get("checkpoint") == ckpt
+        if of_this_checkpoint:  # another checkpoint's threshold (an older run in the folder) is no use
+            return tuned_threshold(found, ckpt), f"best F1 on validation ({found})"
+    except (OSError, ValueError, AttributeError, UserError):
+        pass  # none there, or not one evaluate.py wrote: the argmax
     return 0.5, "0.5, the argmax (no evaluate.py results of this checkpoint: pass --threshold_from)"
 
 

@@ -304,6 +304,15 @@ def test_a_bug_is_a_one_line_500_without_a_traceback(client, monkeypatch):
 
 # ----------------------------------------------------------------------------- refusals at start
 
+def test_refuses_a_port_in_use_before_loading_anything(fresh_index, capsys):
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        err = run_bad(serve.main, [fresh_index, "--port", str(held.getsockname()[1])], capsys)
+    assert "cannot listen there" in err and "--port" in err
+
+
 def test_refuses_a_non_loopback_host_without_a_token(fresh_index, capsys, monkeypatch):
     monkeypatch.delenv(service.TOKEN_ENV, raising=False)
     err = run_bad(serve.main, [fresh_index, "--host", "0.0.0.0"], capsys)
