@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -290,6 +291,40 @@ class CrossEncoder(PairModel):
     def forward(self, batch):
         emb = self.encoder_vectors(batch, len(batch["labels"]))  # (B, H): one joined sequence per pair
         return self.head(emb)  # (B, 2)
+
+
+@contextmanager
+def interpolated(module, start, alpha):
+    """Inside: module's floating-point weights are start + alpha * (theirs - start), in place (the
+    same tensors, so compiled graphs and CUDA graphs that hold their addresses still read them);
+    on exit its own weights come back. start: a {name: tensor} copy of the weights it started
+    from (pretrained_weights). WiSE-FT (Wortsman et al., 2022): along the line in weight space from a
+    pretrained encoder to its fine-tuned self, what fine-tuning taught trades against what it made
+    the encoder forget (here: cosine search; train.py --wise_alpha). alpha 1 is a no-op."""
+    if alpha == 1:
+        yield module
+        return
+    own = {name: t.detach().clone() for name, t in float_weights(module).items()}
+    with torch.no_grad():
+        for name, t in float_weights(module).items():
+            t.copy_(start[name].to(t.device) + alpha * (own[name] - start[name].to(t.device)))
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for name, t in float_weights(module).items():
+                t.copy_(own[name])
+
+
+def float_weights(module):
+    """{name: tensor} of module's floating-point weights and buffers, sharing their storage
+    (integer buffers such as BERT's position ids are not weights to interpolate)."""
+    return {name: t for name, t in module.state_dict(keep_vars=True).items() if t.is_floating_point()}
+
+
+def pretrained_weights(module):
+    """A detached copy of module's floating-point weights now: the start interpolated() needs."""
+    return {name: t.detach().clone() for name, t in float_weights(module).items()}
 
 
 def build_model(cfg):

@@ -5,6 +5,7 @@
     # the retrieval benchmark of the real 8k rows (fine-tuned encoder, classifier rerank), ~2 min:
     python index.py out/qqp8k/ckpt.pt data/qqp8k --out_dir runs/index_ft8k
     python search.py runs/index_ft8k --eval data/qqp8k --rerank
+    python search.py runs/index_ft8k --eval data/qqp8k --split validation   # to choose a model (test: report)
     # GPU, a file of new questions against Kaggle's 538k, through the ANN index:
     python search.py runs/index --queries new_questions.csv --out matches.csv --ann --batch_size 2048
 
@@ -13,10 +14,11 @@ Modes:
     --queries FILE   a CSV/TSV with a question column, a .txt (one a line) or a pairs file -> --out CSV,
                      --k rows per usable query; unusable rows counted, listed in <out>.rejects.tsv
                      (only beside results that had some: an earlier run's is removed)
-    --eval DATA_DIR  the benchmark (index of that folder): every test question with a labelled
-                     duplicate in the test split is a query, its duplicates (transitive closure inside
-                     the split) are the answers, the corpus is every question of every split but the
-                     query; recall@1/5/10, MRR@10, nDCG@10 -> results.json, per_query.csv, a table row
+    --eval DATA_DIR  the benchmark (index of that folder): every question of --split (test) with a
+                     labelled duplicate in that split is a query, its duplicates (transitive closure
+                     inside the split) are the answers, the corpus is every question of every split but
+                     the query; recall@1/5/10, MRR@10, nDCG@10 -> results.json, per_query.csv, a table
+                     row. --split validation is the one to choose models, flags or recipes on
     --speed          exact and ANN latency on this index, 200 of its rows as queries -> speed.json
 
 Search is exact by default: cosine of L2-normalized vectors, a chunked matmul over the whole index
@@ -47,7 +49,7 @@ from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable
 from measure import measure_speed
 from model import describe_model
-from search_eval import check_index_of_folder, eval_protocol, ranking_metrics
+from search_eval import EVAL_SPLITS, check_index_of_folder, eval_protocol, ranking_metrics
 from text import write_table
 
 
@@ -65,6 +67,8 @@ class SearchConfig:
     out: str = arg("search_results.csv", "where --queries results go (never over an input or an existing file)")
     overwrite: bool = arg(False, "replace an existing --out file")
     eval: str = arg("", "the retrieval benchmark on this data folder (the index must be of this folder)")
+    split: Literal[EVAL_SPLITS] = arg("test", "--eval: the split whose questions are the queries (validation: "
+                                      "to choose a model; test: to report it, once)")
     speed: bool = arg(False, "measure exact and ANN latency on this index")
     out_dir: str = arg("", "--eval / --speed results (default runs/search/<index>_<system>)")
     k: int = arg(10, "answers per query")
@@ -132,6 +136,8 @@ def check_config(cfg):
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} together", "pass one of them")
     check_ranges(cfg, RANGES)
+    if cfg.split != "test" and not cfg.eval:
+        raise UserError(f"--split {cfg.split} without --eval", "add --eval DATA_DIR (the split is the benchmark's)")
     if cfg.ann and cfg.bm25:
         raise UserError("--ann and --bm25 together", "--ann searches the vectors approximately, --bm25 the "
                         "texts: pick one")
@@ -220,12 +226,13 @@ def system_label(cfg, index):
 def results_dir(cfg):
     tag = "speed" if cfg.speed else "bm25" if cfg.bm25 else "ann" if cfg.ann else "exact"
     tag += "_rerank" if cfg.rerank and not cfg.speed else ""
+    tag += "_validation" if cfg.eval and cfg.split == "validation" else ""  # test's folder keeps its name
     return os.path.join("runs", "search", f"{os.path.basename(os.path.normpath(cfg.index))}_{tag}")
 
 
 def evaluate(cfg, index, qe, rt):
     """The retrieval benchmark of the data folder --eval, on an index of exactly that folder."""
-    queries, relevant, outside = eval_protocol(cfg.eval, len(index))
+    queries, relevant, outside = eval_protocol(cfg.eval, len(index), cfg.split)
     check_k(cfg.k, len(index) - len(outside) - 1)
     ids, texts = index.questions
     exclude = np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
@@ -236,9 +243,10 @@ def evaluate(cfg, index, qe, rt):
     os.makedirs(out_dir, exist_ok=True)
     results = {"script": "search.py", "system": label, "config": asdict(cfg), "index": os.path.abspath(cfg.index),
                "model": index.manifest["model"], "data_dir": os.path.abspath(cfg.eval),
-               "protocol": "queries: test questions with a labelled duplicate in the test split; relevant: their "
-                           "duplicates (transitive closure of the test positives); corpus: every question of "
-                           "every split except the query",
+               "split": cfg.split,
+               "protocol": f"queries: {cfg.split} questions with a labelled duplicate in the {cfg.split} split; "
+                           f"relevant: their duplicates (transitive closure of the {cfg.split} positives); corpus: "
+                           "every question of every split except the query",
                "queries": len(queries), "corpus": len(index) - len(outside) - 1,
                "relevant_per_query": float(np.mean([len(r) for r in relevant])),
                "metrics": metrics, "ann_recall_at_k_vs_exact": ann_recall,
@@ -250,7 +258,8 @@ def evaluate(cfg, index, qe, rt):
         w.writerow(["row", "id", "relevant", *per_query, "question"])
         for i, q in enumerate(queries.tolist()):
             w.writerow([q, ids[q], len(relevant[i]), *(f"{v[i]:.4g}" for v in per_query.values()), texts[q]])
-    print(f"retrieval benchmark of {cfg.eval}: {len(queries):,} queries, {results['relevant_per_query']:.2f} "
+    print(f"retrieval benchmark of {cfg.eval}, {cfg.split} split: {len(queries):,} queries, "
+          f"{results['relevant_per_query']:.2f} "
           f"relevant each on average, corpus {results['corpus']:,} questions"
           + (f"; ANN recall@{cfg.k} vs exact {ann_recall:.3f}" if ann_recall is not None else ""))
     names = [m for m in metrics if m != "queries"]

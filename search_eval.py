@@ -1,17 +1,24 @@
-"""The retrieval benchmark of a data folder (search.py --eval): which test questions are queries,
-which questions are their duplicates, what the corpus is, and the ranking metrics.
+"""The retrieval benchmark of a data folder (search.py --eval): which questions of a split are
+queries, which questions are their duplicates, what the corpus is, and the ranking metrics. The
+split is test for reported numbers and validation for choosing among models (train.py's recipe was
+chosen there, docs/recipe_2026-11-30.md), so that test is read once.
 
-    queries   every test question with a labelled duplicate in the test split
-    relevant  its duplicates: the transitive closure of the test split's positive pairs, never itself
+    queries   every question of the split (test by default) with a labelled duplicate in that split
+    relevant  its duplicates: the transitive closure of the split's positive pairs, never itself
     corpus    every question of every split except the query (an index of exactly that folder:
               question i of the folder = row i of the index; check_index_of_folder)
     metrics   recall@1/5/10, MRR@10, nDCG@10 (binary gains), means over queries and per query
 """
+from functools import partial
+
 import numpy as np
+import torch
 
 from cli import UserError
 from data import SPLITS, PairDataset, load_manifest
-from retrieval import folder_content, rebuild_command
+from retrieval import exact_search, exclude_rows, folder_content, rebuild_command
+
+EVAL_SPLITS = ("validation", "test")  # the train split's questions are what the model learnt from
 
 
 def check_index_of_folder(index, data_dir):
@@ -26,15 +33,21 @@ def check_index_of_folder(index, data_dir):
                                                         "NEW_INDEX"))
 
 
-def eval_protocol(data_dir, n_questions):
-    """The retrieval benchmark of a data folder (question i = index row i). Queries: every test
-    question with a labelled duplicate in the test split; relevant: its duplicates, the transitive
-    closure of the test split's positive pairs, never itself; the corpus: every question of every
-    split except the query. Returns (queries (Q,), relevant: list of Q arrays, outside (O,): rows
-    in no split, kept out of the corpus too)."""
+def eval_protocol(data_dir, n_questions, split="test"):
+    """The retrieval benchmark of a data folder (question i = index row i). Queries: every
+    question of `split` with a labelled duplicate in that split; relevant: its duplicates, the
+    transitive closure of the split's positive pairs, never itself; the corpus: every question of
+    every split except the query. Returns (queries (Q,), relevant: list of Q arrays, outside (O,):
+    rows in no split, kept out of the corpus too)."""
     from splits import components
-    test = PairDataset(data_dir, "test").pairs.astype(np.int64)
-    pos = test[(test[:, 2] == 1) & (test[:, 0] != test[:, 1])][:, :2]
+    if split not in EVAL_SPLITS:
+        raise UserError(f"--split {split}: the benchmark reads one of {', '.join(EVAL_SPLITS)}",
+                        "pass --split validation (to choose a model) or --split test (to report it)")
+    pairs = PairDataset(data_dir, split).pairs.astype(np.int64)
+    pos = pairs[(pairs[:, 2] == 1) & (pairs[:, 0] != pairs[:, 1])][:, :2]
+    if len(pos) == 0:
+        raise UserError(f"{data_dir}: the {split} split has no duplicate pair, so the benchmark has no query",
+                        "re-run preprocess.py with a larger --val_frac / --test_frac, or pass the other --split")
     group = components(n_questions, pos[:, 0], pos[:, 1])
     queries = np.unique(pos)
     members = {}
@@ -62,3 +75,15 @@ def ranking_metrics(rows, relevant, ks=(1, 5, 10)):
     per_query[f"ndcg@{depth}"] = (hits * discount).sum(1) / np.cumsum(discount)[np.minimum(n_rel, depth) - 1]
     means = {name: float(v.mean()) for name, v in per_query.items()}
     return {**means, "queries": len(rows)}, {**per_query, "first_relevant_rank": first}
+
+
+def folder_benchmark(unit_vectors, data_dir, split="test", k=10):
+    """The benchmark of `split` by exact cosine, from the L2-normalized vectors (N, H) of every
+    question of the folder (row i = its question i): what search.py --eval reports for an index of
+    that folder, without writing one (tools/recipe_study.py compares many models this way).
+    Returns (mean metrics, per-query metrics), as ranking_metrics."""
+    queries, relevant, outside = eval_protocol(data_dir, len(unit_vectors), split)
+    matrix = torch.as_tensor(np.ascontiguousarray(unit_vectors, np.float32))
+    exclude = np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
+    _, rows = exclude_rows(partial(exact_search, matrix, matrix[torch.from_numpy(queries)].numpy()), k, exclude)
+    return ranking_metrics(rows, relevant)

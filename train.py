@@ -16,8 +16,12 @@ online contrastive term, --both_orders trains on both question orders, and --los
 teacher's probabilities of the training pairs and of mined ones (--teacher_file from teach.py)
 instead of the labels (objectives.py); the logged loss is that objective, val loss is the
 cross-entropy. Evaluates on the validation split every --eval_every_steps (0: each epoch) and keeps
-the best checkpoint; at the end the best one is evaluated on the test split. On a GPU it is fast by
-default: few fixed batch shapes (data.Collator), compiled once, replayed as CUDA graphs.
+the best checkpoint; at the end the best one is evaluated on the test split. What is validated, kept
+and tested has its encoder mixed back toward the pretrained one (--wise_alpha, WiSE-FT): fine-tuning
+alone makes a better classifier but a worse search engine than the encoder it started from; at 0.75
+the mix keeps the validation accuracy and gives back part of the search, for a little AP (chosen on
+validation, docs/recipe_2026-11-30.md). On a GPU it is fast by default: few fixed batch shapes
+(data.Collator), compiled once, replayed as CUDA graphs.
 Writes to --out_dir:
 
     ckpt.pt            best checkpoint (weights, config, data fingerprint; weights_only loadable)
@@ -53,8 +57,8 @@ import objectives
 from cli import UserError, arg, check_ranges, given_flags, interval, parse_config, run
 from data import FolderLock, PairDataset, check_writable, fingerprint, make_loader, shapes_of, to_device
 from metrics import compute_metrics, format_report, json_safe
-from model import (SAVED_BEFORE, ModelConfig, build_model, check_positions, export_hf, load_checkpoint,
-                   save_checkpoint)
+from model import (SAVED_BEFORE, ModelConfig, build_model, check_positions, export_hf, interpolated,
+                   load_checkpoint, pretrained_weights, save_checkpoint)
 from objectives import Objective
 from hub import load_tokenizer
 from text import check_vocab, file_sha256, vocab_hash
@@ -65,6 +69,9 @@ LOWER_IS_BETTER = ("log_loss",)
 # on, not what it computes up to now.
 RESUME_MAY_CHANGE = {"out_dir", "data_dir", "resume", "epochs", "max_steps", "eval_every_steps",
                      "save_every_steps", "log_every_steps", "early_stopping_patience", "num_workers"}
+# Fields added after runs were first saved, with the value those runs had (as model.SAVED_BEFORE):
+# a run saved before --wise_alpha shipped its fine-tuned encoder as is.
+TRAIN_SAVED_BEFORE = {**SAVED_BEFORE, "wise_alpha": 1.0}
 # Every numeric flag's range ("[" and "]" include the end, "(" and ")" leave it out); check_config
 # refuses the rest, NaN included. The seed seeds numpy too, which takes 0 .. 2**32 - 1.
 RANGES = {name: interval(spec) for name, spec in {
@@ -72,7 +79,8 @@ RANGES = {name: interval(spec) for name, spec in {
           "aux_weight": "(0, inf)", "mnrl_scale": "(0, inf)", "contrastive_margin": "(0, 2]",
           "epochs": "[1, inf)", "batch_size": "[1, inf)", "grad_accum_steps": "[1, inf)", "max_steps": "[0, inf)",
           "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_ratio": "[0, 1]", "clip": "(0, inf)",
-          "seed": f"[0, {2 ** 32 - 1}]", "eval_every_steps": "[0, inf)", "early_stopping_patience": "[0, inf)",
+          "wise_alpha": "[0, 1]", "seed": f"[0, {2 ** 32 - 1}]", "eval_every_steps": "[0, inf)",
+          "early_stopping_patience": "[0, inf)",
           "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)", "num_workers": "[0, inf)"}.items()}
 
 
@@ -120,6 +128,9 @@ class TrainConfig:
     warmup_ratio: float = arg(engine.Recipe.warmup_ratio, "share of steps with linear warmup from 0, then "
                                                           "linear decay to 0")
     clip: float = arg(engine.Recipe.clip, "max gradient norm")
+    wise_alpha: float = arg(0.75, "siamese: what ckpt.pt holds (validated, tested, exported): the encoder's "
+                            "weights pretrained + wise_alpha * (fine-tuned - pretrained), the head as trained "
+                            "(WiSE-FT; 1: the fine-tuned encoder; last.pt always holds it)")
     seed: int = arg(0, "weights of the head, dropout, batch order")
     # evaluation, checkpoints, logging
     eval_every_steps: int = arg(0, "validate every N steps (0: at the end of each epoch)")
@@ -197,6 +208,8 @@ def fit(cfg, given, rt, held):
     # --- model, optimizer, schedule; restored from last.pt on --resume
     raw_model = build_model(model_cfg)
     raw_model.to(rt.device)
+    # The pretrained encoder, before any step (or last.pt) moves it: what --wise_alpha mixes back in.
+    pretrained = pretrained_weights(raw_model.encoder) if shipped_alpha(cfg) < 1 else None
     compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
     model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
     optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt)
@@ -222,7 +235,7 @@ def fit(cfg, given, rt, held):
     say(summary(cfg, rt, raw_model, manifest, len(train_ds), len(val_ds), steps_per_epoch, total_steps,
                 compile_mode, packed))
 
-    ctx = Run(cfg, rt, raw_model, inference, data_info, tokenizer, progress, steps_per_epoch, say)
+    ctx = Run(cfg, rt, raw_model, inference, data_info, tokenizer, progress, steps_per_epoch, say, pretrained)
 
     def save_last():  # the full state, for --resume
         save_run(ctx, "last.pt", optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -305,6 +318,7 @@ class Run:
     progress: dict                   # step, epoch, batches_done, best, bad_evals
     steps_per_epoch: int
     say: object                      # print on the main process, nothing elsewhere
+    pretrained: dict = None          # the encoder's pretrained weights (--wise_alpha < 1)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -397,12 +411,18 @@ def start_or_resume(cfg, given, rt, say):
                         "drop these flags to continue the saved run, or start a new run in another --out_dir")
     applied = sorted(k for k in given if k in RESUME_MAY_CHANGE and k != "resume" and k in saved
                      and getattr(cfg, k) != saved[k])
-    resumed = TrainConfig(**{**SAVED_BEFORE, **saved, **{k: getattr(cfg, k) for k in applied},
+    resumed = TrainConfig(**{**TRAIN_SAVED_BEFORE, **saved, **{k: getattr(cfg, k) for k in applied},
                              "out_dir": cfg.out_dir, "resume": True})
     say(f"resuming {last_path} at step {state['step']} (its saved config"
         + (", with " + ", ".join(f"--{k} {getattr(cfg, k)} (was {saved[k]})" for k in applied) if applied else "")
         + ")")
     return resumed, state
+
+
+def shipped_alpha(cfg):
+    """The encoder mix ckpt.pt ships (--wise_alpha). It gives back search, which only a siamese
+    model does; a cross-encoder has no vector per question, so it ships as trained."""
+    return cfg.wise_alpha if cfg.arch == "siamese" else 1.0
 
 
 def data_record(manifest, data_dir):
@@ -425,7 +445,9 @@ def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_ste
         f"pairs: train {n_train:,}{' (training split + mined, from ' + cfg.teacher_file + ')' if cfg.teacher_file else ''}"
         f" | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
         f"objective {cfg.loss}" + (f" (aux weight {cfg.aux_weight})" if "+" in cfg.loss else "")
-        + (", both question orders" if cfg.both_orders else ""),
+        + (", both question orders" if cfg.both_orders else "")
+        + (f" | ckpt.pt: encoder {cfg.wise_alpha:g} of the way from pretrained to fine-tuned (WiSE-FT)"
+           if shipped_alpha(cfg) < 1 else ""),
         f"batch {cfg.batch_size} per process x {rt.world} processes x {cfg.grad_accum_steps} accumulation = "
         f"{per_step} pairs per step | {steps_per_epoch} steps per epoch | {total_steps} steps in all",
         f"batches {'packed' if packed else 'exact'} | compile {compile_mode} | "
@@ -481,9 +503,16 @@ def eta(seconds):
 
 
 def validate(ctx, val_loader, val_ds):
-    """Validation metrics into metrics.jsonl; ckpt.pt and hf/ follow the best so far.
+    """Validation metrics into metrics.jsonl; ckpt.pt and hf/ follow the best so far. What is
+    validated and saved is what ships: with --wise_alpha < 1 the encoder mixed back toward its
+    pretrained weights (the training weights come back after, for the next steps and last.pt).
     Returns True when early stopping says stop (the same answer on every process: all of them
     score the gathered predictions)."""
+    with interpolated(ctx.raw_model.encoder, ctx.pretrained, shipped_alpha(ctx.cfg)):
+        return validate_shipped(ctx, val_loader, val_ds)
+
+
+def validate_shipped(ctx, val_loader, val_ds):
     cfg, progress = ctx.cfg, ctx.progress
     ctx.raw_model.eval()
     probs = ctx.inference.run(val_loader, len(val_ds), "validation", gather=True, verbose=False)
@@ -495,7 +524,8 @@ def validate(ctx, val_loader, val_ds):
         step = progress["step"]
         record = {"step": step, "epoch": round(step / ctx.steps_per_epoch, 3), "val_loss": round(m["log_loss"], 5),
                   **{k: round(m[k], 5) for k in ("accuracy", "f1", "precision", "recall", "roc_auc",
-                                                 "average_precision")}}
+                                                 "average_precision")},
+                  **({"wise_alpha": cfg.wise_alpha} if shipped_alpha(cfg) < 1 else {})}
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(json_safe(record)) + "\n")  # undefined (NaN) -> null: still JSON
         ctx.say(f"eval step {step}: val loss {m['log_loss']:.4f} | accuracy {m['accuracy']:.4f} | "

@@ -9,8 +9,8 @@ import torch
 import engine
 from conftest import TINY_BERT, TINY_DISTILBERT
 from data import Collator, PairDataset
-from model import (ModelConfig, build_model, encode, load_checkpoint, model_from_checkpoint, pair_loss,
-                   save_checkpoint, takes_token_types)
+from model import (ModelConfig, build_model, encode, interpolated, load_checkpoint, model_from_checkpoint,
+                   pair_loss, pretrained_weights, save_checkpoint, takes_token_types)
 from text import NO_LABEL
 
 CPU = engine.Runtime(device=torch.device("cpu"))
@@ -123,6 +123,27 @@ def test_frozen_encoder_gets_no_updates(tiny_data):
     assert all(p.grad is None for p in model.encoder.parameters())
     assert_same_weights(before, model.encoder.state_dict())
     assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
+
+
+def test_interpolated_mixes_weights_in_place_and_gives_them_back():
+    """WiSE-FT (train.py --wise_alpha): inside, every floating-point weight is start + alpha *
+    (own - start) in the same tensors (compiled graphs hold their addresses); on exit the module's
+    own weights are back, bit for bit; alpha 0 is the start."""
+    model = build_model(ModelConfig(encoder_config=TINY_BERT))
+    start = pretrained_weights(model.encoder)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    own = copy.deepcopy(model.encoder.state_dict())
+    addresses = {k: v.data_ptr() for k, v in model.encoder.state_dict().items()}
+    for alpha in (0.0, 0.3):
+        with interpolated(model.encoder, start, alpha):
+            inside = model.encoder.state_dict()
+            assert {k: v.data_ptr() for k, v in inside.items()} == addresses
+            for k, v in inside.items():
+                expected = start[k] + alpha * (own[k] - start[k]) if v.is_floating_point() else own[k]
+                torch.testing.assert_close(v, expected, msg=k)
+        assert_same_weights(own, model.encoder.state_dict())
 
 
 def test_symmetric_siamese_ignores_question_order(tiny_data):

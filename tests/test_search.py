@@ -149,6 +149,48 @@ def test_eval_queries_are_test_questions_with_their_duplicates_never_themselves(
     assert "| system | queries | recall@1 | recall@5 | recall@10 | MRR@10 | nDCG@10 |" in capsys.readouterr().out
 
 
+def test_eval_on_validation_reads_validation_questions_and_matches_the_in_memory_benchmark(folder, capsys):
+    """--split validation: the queries are validation questions with their validation duplicates
+    (never test's, whose numbers are read once), the corpus is the same; search.py over the index
+    and search_eval.folder_benchmark over the same vectors give the same metrics."""
+    idx = retrieval.Index(folder["index"])
+    queries, relevant, _ = search_eval.eval_protocol(folder["data"], len(idx), "validation")
+    expected = closure_answers(PairDataset(folder["data"], "validation").pairs)
+    assert sorted(expected) == queries.tolist() and len(queries) > 5
+    assert all(set(rel.tolist()) == expected[q] for q, rel in zip(queries.tolist(), relevant))
+    test_queries = search_eval.eval_protocol(folder["data"], len(idx))[0]
+    assert not set(queries.tolist()) & set(test_queries.tolist())
+
+    out = folder["tmp"] / "eval_val"
+    search.main([folder["index"], "--eval", folder["data"], "--split", "validation", "--out_dir", str(out)])
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["split"] == "validation" and results["queries"] == len(queries)
+    assert "validation split" in capsys.readouterr().out
+    assert search.results_dir(search.SearchConfig(index=folder["index"], eval="d", split="validation")) \
+        .endswith("index_exact_validation")
+    # The in-memory benchmark (tools/recipe_study.py) against brute force over the same vectors.
+    unit = np.asarray(idx.vectors, np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    cos = unit[queries] @ unit.T
+    cos[np.arange(len(queries)), queries] = -np.inf  # never the query itself
+    brute, _ = search_eval.ranking_metrics(np.argsort(-cos, axis=1, kind="stable")[:, :10], relevant)
+    means, _ = search_eval.folder_benchmark(unit, folder["data"], "validation")
+    assert means == pytest.approx(brute, abs=1e-6) and means["queries"] == len(queries)
+
+
+def test_a_split_without_duplicates_or_an_unknown_split_is_one_clear_error(tmp_path):
+    import preprocess
+    from cli import UserError
+    rows = [[*r[:-1], 0] for r in synthetic_rows(200)]  # no duplicate anywhere: no query to ask
+    data = str(tmp_path / "prep")
+    preprocess.main([write_csv(tmp_path / "pairs.csv", rows), "--out_dir", data, "--max_len", "32"])
+    with pytest.raises(UserError, match="the validation split has no duplicate pair"):
+        search_eval.eval_protocol(data, 10_000, "validation")
+    with pytest.raises(UserError, match="--split train: the benchmark reads one of validation, test"):
+        search_eval.eval_protocol(data, 10_000, "train")
+
+
 def test_ranking_metrics_by_hand():
     rows = np.array([[5, 3, 9], [1, 2, 4], [-1, 7, 8]])
     relevant = [np.array([3]), np.array([4, 1]), np.array([6])]
@@ -254,6 +296,8 @@ def test_bad_queries_and_flags_give_one_error_line(folder, tmp_path, tiny_bert_d
     err = run_bad(search.main, [idx, "chess?", "--k", str(n + 1)], capsys)
     assert f"the corpus holds only {n:,} questions" in err
     assert "--ann and --bm25" in run_bad(search.main, [idx, "chess?", "--ann", "--bm25"], capsys)
+    err = run_bad(search.main, [idx, "chess?", "--split", "validation"], capsys)
+    assert "--split validation without --eval" in err
     assert "not an index folder" in run_bad(search.main, [str(tmp_path), "chess?"], capsys)
     empty = write_lines(tmp_path / "empty.txt", ["", " "])
     out = str(tmp_path / "o.csv")

@@ -204,6 +204,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_data, tiny_be
     (["--resume"], "/last.pt does not exist. Fix: run without --resume"),
     (["--bs", "0"], "error: --batch_size 0: out of range, must be at least 1"),
     (["--grad_accum_steps", "0"], "error: --grad_accum_steps 0: out of range, must be at least 1"),
+    (["--wise_alpha", "1.5"], "error: --wise_alpha 1.5: out of range"),
     (["--device", "nonsense"], "error: --device nonsense: not a device"),
     (["--encoder", "/no/such/model"], "omit --encoder to use the bundled offline"),
 ])
@@ -276,10 +277,46 @@ def test_a_run_saved_before_the_cosine_prior_resumes_without_one(tmp_path, tiny_
     state = torch.load(path, map_location="cpu", weights_only=True)
     for config in (state["train_config"], state["model_config"]):
         del config["cosine_prior"], config["cosine_shift"]
+    del state["train_config"]["wise_alpha"]  # older still: it shipped its fine-tuned encoder as is
     torch.save(state, path)
-    code, _, err = train_here(["--out_dir", out, "--resume", "--epochs", "2"], capsys)
+    code, out_text, err = train_here(["--out_dir", out, "--resume", "--epochs", "2"], capsys)
     assert code == 0, err[-2000:]
-    assert load_checkpoint(path)["train_config"]["cosine_prior"] == 0
+    saved = load_checkpoint(path)["train_config"]
+    assert saved["cosine_prior"] == 0 and saved["wise_alpha"] == 1.0 and "WiSE-FT" not in out_text
+
+
+def test_wise_alpha_ships_the_encoder_between_pretrained_and_fine_tuned(tmp_path, tiny_data, tiny_bert_dir,
+                                                                         capsys):
+    """--wise_alpha a: ckpt.pt (what is validated, tested and exported) holds the pretrained encoder
+    moved a of the way to the fine-tuned one, and the head as trained; last.pt keeps the fine-tuned
+    weights, so training (and --resume) go on from them."""
+    from transformers import AutoModel
+    out = str(tmp_path / "wise")
+    code, stdout, err = train_here(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--max_steps", "3",
+                                    "--wise_alpha", "0.25", "--out_dir", out], capsys)
+    assert code == 0, err[-2000:]
+    assert "ckpt.pt: encoder 0.25 of the way from pretrained to fine-tuned (WiSE-FT)" in stdout
+    shipped, tuned = load_checkpoint(os.path.join(out, "ckpt.pt")), load_checkpoint(os.path.join(out, "last.pt"))
+    assert shipped["step"] == tuned["step"]  # one evaluation: the same weights, before the mix
+    pretrained = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    moved = 0
+    for name, w in shipped["model"].items():
+        if name.startswith("encoder.") and w.is_floating_point():
+            start = pretrained[name[len("encoder."):]]
+            torch.testing.assert_close(w, start + 0.25 * (tuned["model"][name] - start), msg=name)
+            moved += not torch.equal(tuned["model"][name], start)
+        else:  # the head and the cosine prior's scalars: as trained
+            assert torch.equal(w, tuned["model"][name]), name
+    assert moved > 10
+    assert read_metrics(out)[0]["wise_alpha"] == 0.25
+    # A cross-encoder has no vectors to search with: it ships as trained, whatever --wise_alpha says.
+    cross = str(tmp_path / "cross")
+    code, stdout, err = train_here(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--max_steps", "2",
+                                    "--arch", "cross", "--wise_alpha", "0.25", "--out_dir", cross], capsys)
+    assert code == 0, err[-2000:]
+    assert "WiSE-FT" not in stdout and "wise_alpha" not in read_metrics(cross)[0]
+    shipped, tuned = (load_checkpoint(os.path.join(cross, f))["model"] for f in ("ckpt.pt", "last.pt"))
+    assert all(torch.equal(shipped[k], tuned[k]) for k in tuned)
 
 
 def test_a_new_run_never_mixes_with_an_old_one(tmp_path, tiny_data, tiny_bert_dir, capsys):
