@@ -287,6 +287,7 @@ class AddedQuestions:
     def __init__(self, path, model, dim, create=True):
         import sqlite3
         self.path, self.dim = path, dim
+        self._version, self._own_commit = None, False  # None: the first look finds every row new
         if not create and not os.path.isfile(path):
             raise UserError(f"{path}: no such database", "nothing was added to this index")
         try:
@@ -326,9 +327,9 @@ class AddedQuestions:
         """Whether rows were committed since the last look: by this connection (add), or by another
         (PRAGMA data_version moves only for those; cheap, no table read)."""
         version = self.db.execute("PRAGMA data_version").fetchone()[0]
-        seen, self._version = getattr(self, "_version", None), version
-        own, self._own_commit = getattr(self, "_own_commit", False), False
-        return own or version != seen
+        changed = self._own_commit or version != self._version
+        self._version, self._own_commit = version, False
+        return changed
 
     def add(self, requests, known):
         """Commit the questions of several requests in one transaction (group commit: one fsync for

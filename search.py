@@ -100,7 +100,8 @@ def search(cfg):
         check_index_of_folder(index, cfg.eval)
     elif not cfg.speed:
         check_k(cfg.k, len(index))
-    qe = None if cfg.speed or cfg.bm25 and not cfg.rerank else retrieval.load_index_model(index, cfg.checkpoint, cfg.rerank)
+    needs_model = not cfg.speed and (not cfg.bm25 or cfg.rerank)
+    qe = retrieval.load_index_model(index, cfg.checkpoint, cfg.rerank) if needs_model else None
     qs = retrieval.read_questions(cfg.queries, distinct=False) if cfg.queries else None
     # Inputs are valid: now the device, its banner on stderr (stdout holds the answer).
     rt = engine.setup_runtime(cfg.device, cfg.precision, file=sys.stderr)

@@ -116,7 +116,7 @@ class LiveIndex:
         """(..., H) float32 unnormalized vectors of these rows (-1: any), as the classifier head
         takes them (retrieval.rerank)."""
         flat = rows.reshape(-1)
-        out = retrieval.Index.rerank_vectors(self.index, np.where(flat < self.base_n, flat, 0))
+        out = self.index.rerank_vectors(np.where(flat < self.base_n, flat, 0))
         added = np.flatnonzero(flat >= self.base_n)
         if len(added):
             a = flat[added] - self.base_n
@@ -184,20 +184,20 @@ class Service:
         unit = retrieval.unit(pooled)[0]
         depth = max(max(p["k"], self.rerank_depth) if p["rerank"] else p["k"] for p in params)
         scores, rows = self.live.search(unit, min(depth, len(self.live)))
+        probs = None
+        if self.qe.classifier is not None:  # the top k of every query scored in one head call
+            k = max(p["k"] for p in params)
+            probs = retrieval.duplicate_probability(self.qe.classifier, pooled, self.live.rerank_vectors(rows[:, :k]),
+                                                    self.rt)  # (Q, k)
         answers = []
         for q, p in enumerate(params):
-            s, r = scores[q:q + 1], rows[q:q + 1]
-            probs = None
+            s, r, prob = scores[q:q + 1], rows[q:q + 1], None if probs is None else probs[q:q + 1]
             if p["rerank"]:  # the top max(k, rerank_depth) reordered by the classifier
                 d = max(p["k"], self.rerank_depth)
-                s, r, probs = retrieval.rerank(self.qe.classifier, pooled[q:q + 1], self.live, s[:, :d], r[:, :d],
-                                               self.rt)
-            elif self.qe.classifier is not None:
-                s, r = s[:, :p["k"]], r[:, :p["k"]]
-                probs = retrieval.duplicate_probability(self.qe.classifier, pooled[q:q + 1],
-                                                        self.live.rerank_vectors(r), self.rt)
+                s, r, prob = retrieval.rerank(self.qe.classifier, pooled[q:q + 1], self.live, s[:, :d], r[:, :d],
+                                              self.rt)
             answers.append([{"id": self.live.ids[row], "question": self.live.texts[row], "cosine": round(float(c), 6),
-                             **({"probability": round(float(probs[0, j]), 6)} if probs is not None else {})}
+                             **({"probability": round(float(prob[0, j]), 6)} if prob is not None else {})}
                             for j, (c, row) in enumerate(zip(s[0, :p["k"]], r[0, :p["k"]])) if row >= 0])
         return answers
 
