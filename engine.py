@@ -41,6 +41,7 @@ class Recipe:
     """The optimization train.py runs by default (its flags of the same names override each);
     bench.py times the same. The notebook: Adam, lr 1e-4, clip 1.0, no schedule."""
     lr: float = 1e-4              # peak learning rate
+    encoder_lr: float = 0.0       # the encoder's peak learning rate (0: lr); the head's is lr
     weight_decay: float = 0.0     # AdamW's; 0 is the notebook's Adam
     warmup_ratio: float = 0.06    # share of steps with linear warmup from 0, then linear decay to 0
     clip: float = 1.0             # max gradient norm
@@ -144,15 +145,20 @@ def setup_runtime(device="auto", precision="auto", distributed=False, file=None)
 
 # ----------------------------------------------------------------------------- training
 
-def build_optimizer(model, lr, weight_decay, rt):
-    """AdamW over the trainable parameters; no decay on biases, LayerNorm and PReLU weights; one
-    fused kernel for the whole update on CUDA instead of one per tensor."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=rt.cuda)
+def build_optimizer(model, lr, weight_decay, rt, encoder_lr=0.0):
+    """AdamW over the trainable parameters; no decay on biases, LayerNorm and PReLU weights; the
+    encoder (model.encoder) at encoder_lr where it is set and differs from lr; one fused kernel
+    for the whole update on CUDA instead of one per tensor."""
+    own_lr = {id(p) for p in model.encoder.parameters()} if encoder_lr and encoder_lr != lr else set()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in own_lr and p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in own_lr and p.ndim < 2], "weight_decay": 0.0}]
+    if own_lr:  # two more groups (runs without encoder_lr keep their two, and resume as they were)
+        groups += [{"params": [p for p in params if id(p) in own_lr and p.ndim >= 2], "weight_decay": weight_decay,
+                    "lr": encoder_lr},
+                   {"params": [p for p in params if id(p) in own_lr and p.ndim < 2], "weight_decay": 0.0,
+                    "lr": encoder_lr}]
+    return torch.optim.AdamW(groups, lr=lr, fused=rt.cuda)
 
 
 def build_scheduler(optimizer, total_steps, warmup_ratio):

@@ -20,7 +20,8 @@ synchronous=FULL), which every server process on this machine started on that in
 sees the others' additions at its next request); `python index.py --fold --out_dir INDEX` moves
 them into the folder. Concurrent requests are embedded together (--max_batch questions, waiting at
 most --max_wait_ms for more; --max_batch 1: one at a time) through the inference road of every
-other script, in one worker thread beside the event loop.
+other script, in worker threads beside the event loop (--workers: on a CPU two, each encoding its
+own batch; searches and commits one at a time).
 
 Safety: binds 127.0.0.1 unless --host says otherwise; adding questions needs the bearer token
 (--token, or the QQP_SERVE_TOKEN environment variable, which `ps` does not show), and is off
@@ -51,7 +52,8 @@ from model import describe_model
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"port": (lambda v: 1 <= v <= 65535, "in [1, 65535]"),
           "max_batch": (lambda v: v >= 1, "at least 1 (1: no batching)"),
-          "threads": (lambda v: v >= 0, "0 (torch's default) or more"),
+          "threads": (lambda v: v >= 0, "0 (the cores shared out among the workers) or more"),
+          "workers": (lambda v: v >= 0, "0 (auto) or more"),
           "max_wait_ms": (lambda v: 0 <= v <= 1000, "in [0, 1000]"),
           "nprobe": (lambda v: v >= 0, "0 (as calibrated) or more"),
           "rerank_depth": (lambda v: v >= 1, "at least 1"),
@@ -76,7 +78,11 @@ class ServeConfig:
     threshold_from: str = arg("", "evaluate.py's results.json: /score decides at its validation-tuned "
                                   "threshold (default: <checkpoint dir>/eval_test/results.json if it is this "
                                   "checkpoint's, else 0.5)")
-    threads: int = arg(0, "CPU: torch threads the encoder uses (0: torch's default, one per core)")
+    workers: int = arg(0, "threads that run batches through the encoder at once (0: auto: 2 on a CPU of 2 "
+                          "or more cores, where two one-thread encoders outrun one two-thread encoder; 1 on a "
+                          "GPU)")
+    threads: int = arg(0, "CPU: torch threads each worker's encoder uses (0: the cores shared out among the "
+                          "workers)")
     max_batch: int = arg(64, "questions embedded together at most (dynamic batching; 1: off)")
     max_wait_ms: float = arg(2.0, "after the first request of a batch, wait at most this long for more")
     rerank_depth: int = arg(50, "candidates a search with rerank re-scores")
@@ -132,14 +138,31 @@ def build(cfg):
                                              engine.resolve_compile(cfg.compile, rt))
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
-    batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms)
-    if cfg.threads:  # set on the worker thread, where the encoder runs (OpenMP's setting is per thread)
-        batcher.run_now(partial(torch.set_num_threads, cfg.threads))
-    batcher.run_now(work.warm_up)  # lazy initialization (on CUDA: the compile) paid now, not by the first user
+    workers, threads = worker_threads(cfg, rt)
+    batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms, workers)
+    if threads:  # set on each worker's thread, where its encoder runs (OpenMP's setting is per thread)
+        batcher.run_on_each(partial(torch.set_num_threads, threads))
+    batcher.run_on_each(work.warm_up)  # lazy initialization (on CUDA: the compile) paid now, not by the first user
     limits = service.Limits(cfg.max_body_bytes, cfg.max_questions, cfg.max_question_chars, cfg.max_k)
-    about = {"index": os.path.abspath(cfg.index), "database": store.path, "started_in_s": round(time.time() - t0, 1)}
+    about = {"index": os.path.abspath(cfg.index), "database": store.path, "workers": workers,
+             "threads_per_worker": threads or torch.get_num_threads(), "started_in_s": round(time.time() - t0, 1)}
     app = service.make_app(work, batcher, limits, token, about)
     return app, {**about, "corpus": len(live), "model": describe_model(qe.record), "token": bool(token)}
+
+
+def worker_threads(cfg, rt):
+    """(workers, torch threads per worker; 0: leave torch's). On a CPU, auto is two workers sharing
+    the cores: a two-thread encoder's matmuls wait at every sync for a core that the event loop,
+    or its own Python between ops, holds (bench.py's serve stage: two workers against one). One
+    worker on a GPU: CUDA graphs are recorded per thread."""
+    if rt.device.type != "cpu":
+        if cfg.workers > 1:
+            raise UserError(f"--workers {cfg.workers} on {rt.device}: a GPU serves with one worker (its compiled "
+                            "step belongs to one thread; batching fills it)", "drop --workers")
+        return 1, 0
+    cores = torch.get_num_threads()
+    workers = cfg.workers or min(2, cores)
+    return workers, cfg.threads or max(1, cores // workers)
 
 
 def check_config(cfg, token):

@@ -5,10 +5,11 @@ and the index, and answers while someone types.
   questions added since (retrieval.AddedQuestions, SQLite beside the folder), searched as one
   corpus. Before each batch it reads the rows other server processes committed.
 - Batcher: requests that arrive together go through the encoder in one call (dynamic batching):
-  after the first request, everything already queued joins it, then it waits up to max_wait_ms
-  for more, up to max_batch questions. The encoder call is the project's one inference road
-  (retrieval.embed_texts -> engine.Inference: the batch layout and compiled step of training on
-  CUDA). All model, search and database work runs in one worker thread, so the event loop only
+  when a worker is free, everything already queued joins the next batch, then it waits up to
+  max_wait_ms for more, up to max_batch questions. The encoder call is the project's one
+  inference road (retrieval.embed_texts -> engine.Inference: the batch layout and compiled step
+  of training on CUDA). Model, search and database work run in worker threads (on a CPU two,
+  each encoding its own batch; searches and commits one at a time), so the event loop only
   parses requests and writes replies: it never waits on the encoder, a search or a commit.
 - Service.work: one batch of jobs (search, score, add) -> their answers.
 - make_app: the FastAPI app: POST /search, /score, /questions; GET /healthz, /stats, /docs (the
@@ -21,6 +22,7 @@ import hmac
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -134,13 +136,15 @@ class Job:
 
 
 class Service:
-    """Everything a request needs, used only from the worker thread: the model (qe, through
-    `inference`), the corpus, the store of added questions, the decision threshold."""
+    """Everything a request needs, used only from the worker threads: the model (qe, through
+    `inference`: read-only, so workers embed at once), the corpus, the store of added questions,
+    the decision threshold (the corpus and the store: one worker at a time, under `lock`)."""
 
     def __init__(self, qe, rt, inference, live, store, threshold, threshold_source, rerank_depth=50):
         self.qe, self.rt, self.inference, self.live, self.store = qe, rt, inference, live, store
         self.threshold, self.threshold_source, self.rerank_depth = threshold, threshold_source, rerank_depth
-        self.batches, self.batched_questions = 0, 0
+        self.batches, self.batched_questions, self.busy_s = 0, 0, 0.0  # busy: summed over the workers
+        self.lock = threading.Lock()
 
     def warm_up(self):
         """Before the first request, not counted in /stats: one batch of each kind, then a full
@@ -151,15 +155,24 @@ class Service:
         self.work(jobs)
         texts = self.live.texts[:self.inference.batch_size]
         self.work([Job("search", [t], {"k": 1, "rerank": False}) for t in texts])
-        self.batches = self.batched_questions = 0
+        self.batches, self.batched_questions, self.busy_s = 0, 0, 0.0
 
     def work(self, jobs):
-        """One batch: every job's questions embedded in one encoder call, then each job answered.
-        Returns one answer or UserError per job."""
-        self.live.sync(self.store)
+        """One batch: every job's questions embedded in one encoder call (any worker thread, several
+        at once), then each job answered (one thread at a time: the corpus and the store are
+        shared). Returns one answer or UserError per job."""
+        t0 = time.perf_counter()
         texts = [t for job in jobs for t in job.texts]
         pooled = retrieval.embed_texts(self.qe, self.inference, texts, verbose=False)  # (T, H) float32
-        self.batches, self.batched_questions = self.batches + 1, self.batched_questions + len(texts)
+        with self.lock:
+            answers = self.answer(jobs, pooled)
+            self.batches, self.batched_questions = self.batches + 1, self.batched_questions + len(texts)
+            self.busy_s += time.perf_counter() - t0
+        return answers
+
+    def answer(self, jobs, pooled):
+        """The jobs of one batch answered from their questions' vectors pooled (T, H)."""
+        self.live.sync(self.store)
         starts = np.cumsum([0] + [len(job.texts) for job in jobs])
         answers = [None] * len(jobs)
         searches = [i for i, job in enumerate(jobs) if job.kind == "search"]
@@ -218,27 +231,34 @@ class Service:
 
 
 class Batcher:
-    """Dynamic batching: jobs queued on the event loop, run as batches by Service.work in one
-    worker thread. max_batch 1 turns it off (each request alone)."""
+    """Dynamic batching: jobs queued on the event loop, run as batches by Service.work on
+    `workers` threads. A batch forms when a worker is free: every job queued by then joins it (up
+    to max_batch questions), then it waits up to max_wait_ms for more. max_batch 1 turns batching
+    off (each request alone, on whichever worker is free)."""
 
-    def __init__(self, work, max_batch, max_wait_ms):
+    def __init__(self, work, max_batch, max_wait_ms, workers=1):
         self.work, self.max_batch, self.max_wait = work, max_batch, max_wait_ms / 1000
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.queue, self.task = None, None
+        # One single-thread executor per worker: a worker's thread is fixed (torch's thread count
+        # and, on CUDA, recorded graphs are per thread), and run_on_each reaches every one.
+        self.executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model{i}") for i in range(workers)]
+        self.queue, self.idle, self.task, self.running = None, None, None, set()
 
-    def run_now(self, fn):
-        """fn() in the worker thread, waited for: the warm-up, on the thread every batch runs on
-        (CUDA graphs are recorded per thread)."""
-        return self.executor.submit(fn).result()
+    def run_on_each(self, fn):
+        """fn() on every worker's thread, one after another, waited for: the warm-up (each thread's
+        lazy initialization), torch's thread count."""
+        return [executor.submit(fn).result() for executor in self.executors]
 
     def start(self):
-        self.queue = asyncio.Queue()
+        self.queue, self.idle = asyncio.Queue(), asyncio.Queue()
+        for executor in self.executors:
+            self.idle.put_nowait(executor)
         self.task = asyncio.get_running_loop().create_task(self.loop())
 
     async def stop(self):
         if self.task is not None:
             self.task.cancel()
-        self.executor.shutdown(wait=True)  # the batch in flight (a commit, perhaps) finishes
+        for executor in self.executors:
+            executor.shutdown(wait=True)  # the batch in flight (a commit, perhaps) finishes
 
     async def submit(self, job):
         future = asyncio.get_running_loop().create_future()
@@ -249,35 +269,49 @@ class Batcher:
         return answer
 
     async def loop(self):
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            size = len(batch[0][0].texts)
-            deadline = loop.time() + self.max_wait
-            while size < self.max_batch:
-                if self.queue.empty():  # wait a little for more, but never past the deadline
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self.queue.get(), left))
-                    except asyncio.TimeoutError:
-                        break
+            executor = await self.idle.get()  # a free worker first: meanwhile, requests queue up
+            batch = await self.gather()
+            task = asyncio.get_running_loop().create_task(self.run(executor, batch))
+            self.running.add(task)  # a reference kept until it is done (the loop holds only weak ones)
+            task.add_done_callback(self.running.discard)
+
+    async def gather(self):
+        """The next batch: the first queued job, everything queued behind it, then what arrives
+        within max_wait_ms, up to max_batch questions."""
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        size = len(batch[0][0].texts)
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch:
+            if self.queue.empty():  # wait a little for more, but never past the deadline
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            else:
+                batch.append(self.queue.get_nowait())
+            size += len(batch[-1][0].texts)
+        return batch
+
+    async def run(self, executor, batch):
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(executor, self.work, [job for job, _ in batch])
+        except Exception as e:  # a bug, or e.g. NaN outputs: every request of the batch is told
+            if not isinstance(e, UserError):
+                traceback.print_exc(file=sys.stderr)
+            answers = [e] * len(batch)
+        finally:
+            self.idle.put_nowait(executor)
+        for (_, future), answer in zip(batch, answers):
+            if not future.done():  # its client may have gone
+                if isinstance(answer, Exception) and not isinstance(answer, UserError):
+                    future.set_exception(answer)
                 else:
-                    batch.append(self.queue.get_nowait())
-                size += len(batch[-1][0].texts)
-            try:
-                answers = await loop.run_in_executor(self.executor, self.work, [job for job, _ in batch])
-            except Exception as e:  # a bug, or e.g. NaN outputs: every request of the batch is told
-                if not isinstance(e, UserError):
-                    traceback.print_exc(file=sys.stderr)
-                answers = [e] * len(batch)
-            for (_, future), answer in zip(batch, answers):
-                if not future.done():  # its client may have gone
-                    if isinstance(answer, Exception) and not isinstance(answer, UserError):
-                        future.set_exception(answer)
-                    else:
-                        future.set_result(answer)
+                    future.set_result(answer)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -537,7 +571,7 @@ def make_app(service, batcher, limits, token="", about=None):
                 "threshold": service.threshold, "threshold_source": service.threshold_source,
                 "search": "ANN (faiss IVF, nprobe %d)" % live.nprobe if live.ann is not None else "exact cosine",
                 "batching": {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
-                             "batches": service.batches,
+                             "batches": service.batches, "worker_busy_s": round(service.busy_s, 3),
                              "mean_questions_per_batch": round(service.batched_questions / max(service.batches, 1), 2)},
                 "requests": stats.report(), **about}
 

@@ -71,14 +71,14 @@ RESUME_MAY_CHANGE = {"out_dir", "data_dir", "resume", "epochs", "max_steps", "ev
                      "save_every_steps", "log_every_steps", "early_stopping_patience", "num_workers"}
 # Fields added after runs were first saved, with the value those runs had (as model.SAVED_BEFORE):
 # a run saved before --wise_alpha shipped its fine-tuned encoder as is.
-TRAIN_SAVED_BEFORE = {**SAVED_BEFORE, "wise_alpha": 1.0}
+TRAIN_SAVED_BEFORE = {**SAVED_BEFORE, "wise_alpha": 1.0, "encoder_lr": 0.0}
 # Every numeric flag's range ("[" and "]" include the end, "(" and ")" leave it out); check_config
 # refuses the rest, NaN included. The seed seeds numpy too, which takes 0 .. 2**32 - 1.
 RANGES = {name: interval(spec) for name, spec in {
           "hidden": "[1, inf)", "dropout": "[0, 1)", "cosine_prior": "[0, inf)", "cosine_shift": "[-1, 1]",
           "aux_weight": "(0, inf)", "mnrl_scale": "(0, inf)", "contrastive_margin": "(0, 2]",
           "epochs": "[1, inf)", "batch_size": "[1, inf)", "grad_accum_steps": "[1, inf)", "max_steps": "[0, inf)",
-          "lr": "(0, inf)", "weight_decay": "[0, inf)", "warmup_ratio": "[0, 1]", "clip": "(0, inf)",
+          "lr": "(0, inf)", "encoder_lr": "[0, inf)", "weight_decay": "[0, inf)", "warmup_ratio": "[0, 1]", "clip": "(0, inf)",
           "wise_alpha": "[0, 1]", "seed": f"[0, {2 ** 32 - 1}]", "eval_every_steps": "[0, inf)",
           "early_stopping_patience": "[0, inf)",
           "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)", "num_workers": "[0, inf)"}.items()}
@@ -124,6 +124,8 @@ class TrainConfig:
     grad_accum_steps: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
     lr: float = arg(engine.Recipe.lr, "peak learning rate (AdamW)")
+    encoder_lr: float = arg(engine.Recipe.encoder_lr, "siamese: the encoder's peak learning rate (0: --lr); the "
+                                                      "head's is --lr")
     weight_decay: float = arg(engine.Recipe.weight_decay, "AdamW weight decay (0: the notebook's Adam)")
     warmup_ratio: float = arg(engine.Recipe.warmup_ratio, "share of steps with linear warmup from 0, then "
                                                           "linear decay to 0")
@@ -212,7 +214,7 @@ def fit(cfg, given, rt, held):
     pretrained = pretrained_weights(raw_model.encoder) if shipped_alpha(cfg) < 1 else None
     compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
     model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
-    optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt)
+    optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt, cfg.encoder_lr)
     loss_fn = partial(objectives.batch_loss, objective=objective, teacher_probs=teacher_probs)
     batches_per_epoch = len(sampler)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)

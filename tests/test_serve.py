@@ -177,6 +177,7 @@ def test_health_stats_docs_and_page(client):
     assert stats["model"]["kind"] == "checkpoint" and stats["classifier"] is True
     assert stats["requests"]["/search"]["requests"] == 1 and stats["requests"]["/search"]["p95_ms"] > 0
     assert stats["uptime_s"] >= 0 and stats["batching"]["max_batch"] == 64
+    assert stats["workers"] >= 1 and stats["threads_per_worker"] >= 1 and stats["batching"]["worker_busy_s"] > 0
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/search", "/score", "/questions", "/healthz", "/stats"} <= set(spec["paths"])
@@ -184,11 +185,12 @@ def test_health_stats_docs_and_page(client):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/search" in page.text
 
 
-def test_concurrent_requests_are_batched_and_answered_as_alone(fresh_index, built):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_requests_are_batched_and_answered_as_alone(fresh_index, built, workers):
     """32 searches at once: fewer encoder batches than requests, and each answer the same as the
-    same search sent alone (batching changes nothing but the speed)."""
+    same search sent alone (batching, and batches on several workers, change nothing but the speed)."""
     texts = index_questions(built["index"])[1][:32]
-    with make_client(fresh_index, max_wait_ms=50.0) as c:
+    with make_client(fresh_index, max_wait_ms=50.0, workers=workers) as c:
         alone = [c.post("/search", json={"question": t, "k": 3}).json()["results"] for t in texts]
         before = c.get("/stats").json()["batching"]["batches"]
         with ThreadPoolExecutor(32) as pool:
@@ -200,6 +202,52 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(fresh_index, buil
         assert [h["id"] for h in a] == [h["id"] for h in b]
         np.testing.assert_allclose([h["cosine"] for h in a], [h["cosine"] for h in b], atol=1e-5)
         np.testing.assert_allclose([h["probability"] for h in a], [h["probability"] for h in b], atol=1e-5)
+
+
+def test_workers_run_batches_at_the_same_time_and_one_at_a_time_answer():
+    """The Batcher gives each free worker the next batch (two batches in the encoder at once with
+    two workers, never with one), while Service.work's answering part holds one lock."""
+    import asyncio
+
+    def concurrency(workers):
+        state = {"now": 0, "most": 0}
+        lock = threading.Lock()
+
+        def work(jobs):  # stands in for Service.work: slow enough for batches to overlap
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.05)
+            with lock:
+                state["now"] -= 1
+            return [job.texts[0] for job in jobs]
+
+        async def run():
+            batcher = service.Batcher(work, max_batch=2, max_wait_ms=0, workers=workers)
+            batcher.start()
+            try:
+                jobs = [service.Job("search", [f"q{i}"]) for i in range(8)]
+                return await asyncio.gather(*(batcher.submit(job) for job in jobs))
+            finally:
+                await batcher.stop()
+        answers = asyncio.run(run())
+        assert answers == [f"q{i}" for i in range(8)]
+        return state["most"]
+    assert concurrency(1) == 1
+    assert concurrency(2) == 2
+
+
+def test_worker_count_auto_and_a_gpu_keeps_one():
+    import torch
+    import engine
+    cpu = engine.Runtime(device=torch.device("cpu"))
+    cores = torch.get_num_threads()
+    assert serve.worker_threads(serve.ServeConfig(), cpu) == (min(2, cores), max(1, cores // min(2, cores)))
+    assert serve.worker_threads(serve.ServeConfig(workers=3, threads=1), cpu) == (3, 1)
+    gpu = engine.Runtime(device=torch.device("meta"))  # any device that is not the CPU
+    assert serve.worker_threads(serve.ServeConfig(), gpu) == (1, 0)
+    with pytest.raises(serve.UserError, match="--workers 2"):
+        serve.worker_threads(serve.ServeConfig(workers=2), gpu)
 
 
 def test_batching_off_runs_one_request_per_batch(fresh_index):
@@ -339,7 +387,7 @@ def test_refuses_a_database_of_another_model(fresh_index, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("port", "70000"), ("max_batch", "0"), ("max_wait_ms", "-1"),
-                                        ("max_k", "0"), ("max_body_bytes", "10")])
+                                        ("max_k", "0"), ("max_body_bytes", "10"), ("workers", "-1")])
 def test_flags_out_of_range_exit_2(fresh_index, flag, value, capsys):
     assert f"--{flag}" in run_bad(serve.main, [fresh_index, f"--{flag}", value], capsys)
 

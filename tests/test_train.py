@@ -278,11 +278,43 @@ def test_a_run_saved_before_the_cosine_prior_resumes_without_one(tmp_path, tiny_
     for config in (state["train_config"], state["model_config"]):
         del config["cosine_prior"], config["cosine_shift"]
     del state["train_config"]["wise_alpha"]  # older still: it shipped its fine-tuned encoder as is
+    del state["train_config"]["encoder_lr"]  # and trained the encoder at --lr
     torch.save(state, path)
     code, out_text, err = train_here(["--out_dir", out, "--resume", "--epochs", "2"], capsys)
     assert code == 0, err[-2000:]
     saved = load_checkpoint(path)["train_config"]
     assert saved["cosine_prior"] == 0 and saved["wise_alpha"] == 1.0 and "WiSE-FT" not in out_text
+    assert saved["encoder_lr"] == 0.0
+
+
+def test_encoder_lr_trains_the_encoder_at_its_own_rate(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    """--encoder_lr: the encoder's parameter groups peak at it, the head's at --lr (here the encoder
+    barely moves while the head does); without it, the two groups of runs saved before it."""
+    from transformers import AutoModel
+    import engine
+    from model import ModelConfig, build_model
+    model = build_model(ModelConfig(encoder=tiny_bert_dir))
+    rt = engine.Runtime(device=torch.device("cpu"))
+    assert [g["lr"] for g in engine.build_optimizer(model, 1e-3, 0.0, rt).param_groups] == [1e-3, 1e-3]
+    groups = engine.build_optimizer(model, 1e-3, 0.01, rt, encoder_lr=2e-5).param_groups
+    encoder = {id(p) for p in model.encoder.parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3, 2e-5, 2e-5]
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0, 0.01, 0.0]
+    assert all(id(p) in encoder for g in groups[2:] for p in g["params"])
+    assert not any(id(p) in encoder for g in groups[:2] for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+
+    def encoder_moved(*flags):  # the largest change of any encoder weight over 3 steps at --lr 1e-2
+        out = str(tmp_path / "-".join(["run", *flags]))
+        code, _, err = train_here(["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--max_steps", "3",
+                                   "--lr", "1e-2", "--wise_alpha", "1", *flags, "--out_dir", out], capsys)
+        assert code == 0, err[-2000:]
+        tuned = load_checkpoint(os.path.join(out, "last.pt"))["model"]
+        pretrained = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+        return max((w - pretrained[name[len("encoder."):]]).abs().max().item() for name, w in tuned.items()
+                   if name.startswith("encoder.") and w.is_floating_point())
+    assert encoder_moved() > 1e-3
+    assert encoder_moved("--encoder_lr", "1e-9") < 1e-6
 
 
 def test_wise_alpha_ships_the_encoder_between_pretrained_and_fine_tuned(tmp_path, tiny_data, tiny_bert_dir,

@@ -49,3 +49,11 @@ python evaluate.py $W/runs/wise_s0/ckpt.pt   # test: argmax and the validation-t
 python tools/recipe_study.py --data_dir $D --checkpoints $W/runs/def_s1/ckpt.pt $W/runs/def_s2/ckpt.pt \
     --alphas 0.75 --rerank --split test --out $W/study/test_chosen.jsonl
 python tools/recipe_study.py --data_dir $D --untuned --split test --out $W/study/test_untuned.jsonl
+
+# 4. Added 2026-12-01: a lower encoder learning rate (train.py --encoder_lr), seed 0 only (a screen).
+for cfg in "elr2_ce:--encoder_lr 2e-5" "elr2_mnrl:--encoder_lr 2e-5 --loss ce+mnrl"; do
+  name=${cfg%%:*}; flags=${cfg#*:}
+  /usr/bin/time -v nice -n 10 python train.py $B --seed 0 --wise_alpha 1 $flags --out_dir $W/runs/${name}_s0
+  python tools/recipe_study.py --data_dir $D --checkpoints $W/runs/${name}_s0/ckpt.pt --alphas 1 0.75 \
+      --out $W/study/${name}_s0.jsonl
+done
