@@ -300,3 +300,16 @@ def test_device_flags_are_checked(name, message):
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match=message or "no CUDA GPU here"):
         engine.parse_device(name)
+
+
+def test_progress_off_a_terminal_is_a_line_a_while_not_a_bar(capsys):
+    """In a log, a long job says how far it is once per `every` seconds; a short one says nothing."""
+    import engine
+    quiet = engine.LogProgress(1000, "embedding", "question")
+    quiet.update(500)
+    assert capsys.readouterr().err == ""
+    chatty = engine.LogProgress(1000, "embedding", "question", every=0.0)
+    chatty.update(250)
+    chatty.update(750)  # done: no line, the caller's own summary says it
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("embedding: 250 of 1,000 questions (25%), ") and "min left" in err[0]
