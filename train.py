@@ -78,7 +78,8 @@ RANGES = {name: interval(spec) for name, spec in {
           "hidden": "[1, inf)", "dropout": "[0, 1)", "cosine_prior": "[0, inf)", "cosine_shift": "[-1, 1]",
           "aux_weight": "(0, inf)", "mnrl_scale": "(0, inf)", "contrastive_margin": "(0, 2]",
           "epochs": "[1, inf)", "batch_size": "[1, inf)", "grad_accum_steps": "[1, inf)", "max_steps": "[0, inf)",
-          "lr": "(0, inf)", "encoder_lr": "[0, inf)", "weight_decay": "[0, inf)", "warmup_ratio": "[0, 1]", "clip": "(0, inf)",
+          "lr": "(0, inf)", "encoder_lr": "[0, inf)", "weight_decay": "[0, inf)", "warmup_ratio": "[0, 1]",
+          "clip": "(0, inf)",
           "wise_alpha": "[0, 1]", "seed": f"[0, {2 ** 32 - 1}]", "eval_every_steps": "[0, inf)",
           "early_stopping_patience": "[0, inf)",
           "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)", "num_workers": "[0, inf)"}.items()}
@@ -124,8 +125,8 @@ class TrainConfig:
     grad_accum_steps: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(0, "stop after this many optimizer steps (0: run all epochs)")
     lr: float = arg(engine.Recipe.lr, "peak learning rate (AdamW)")
-    encoder_lr: float = arg(engine.Recipe.encoder_lr, "siamese: the encoder's peak learning rate (0: --lr); the "
-                                                      "head's is --lr")
+    encoder_lr: float = arg(engine.Recipe.encoder_lr, "the encoder's peak learning rate (0: --lr); the head's "
+                                                      "is --lr")
     weight_decay: float = arg(engine.Recipe.weight_decay, "AdamW weight decay (0: the notebook's Adam)")
     warmup_ratio: float = arg(engine.Recipe.warmup_ratio, "share of steps with linear warmup from 0, then "
                                                           "linear decay to 0")

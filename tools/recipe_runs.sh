@@ -57,3 +57,6 @@ for cfg in "elr2_ce:--encoder_lr 2e-5" "elr2_mnrl:--encoder_lr 2e-5 --loss ce+mn
   python tools/recipe_study.py --data_dir $D --checkpoints $W/runs/${name}_s0/ckpt.pt --alphas 1 0.75 \
       --out $W/study/${name}_s0.jsonl
 done
+# The frozen encoder with the cosine prior (the head alone; search is the untuned encoder's), seed 0.
+/usr/bin/time -v nice -n 10 python train.py $B --seed 0 --freeze_encoder --epochs 4 --lr 1e-3 --out_dir $W/runs/frozen_s0
+python tools/recipe_study.py --data_dir $D --checkpoints $W/runs/frozen_s0/ckpt.pt --alphas 1 --out $W/study/frozen_s0.jsonl
