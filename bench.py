@@ -38,7 +38,8 @@ Stages (--stages, comma-separated, or 'all'):
               (exact, and ANN at 1 and 32) and /score, with dynamic batching (--max_batch 64) and
               without it (--max_batch 1) in the same run, both with serve.py's default encoder workers
               (two on a CPU), and on a CPU also one worker with and without batching (the one-at-a-time
-              server of before); errors counted. Faults: a writer adds 1,000
+              server of before), and --int8 and --onnx (their speed, and how much each changes the
+              answers: measure.encoder_agreement); errors counted. Faults: a writer adds 1,000
               questions while searches run, then every acknowledged one is searched for; a server
               killed with SIGKILL in the middle of writes is restarted and every acknowledged one is
               searched for. Targets (2 CPU cores, the real rows' index): /search p95 < 50 ms at
@@ -54,6 +55,7 @@ Every ratio reads "times better than the reference" (> 1: ours ahead), whatever 
 stages here turn measurements into rows; measure.py holds what they share and time (Workspace,
 synthesize, each side's training loop, train.py end to end).
 """
+import importlib.util
 import json
 import math
 import os
@@ -73,7 +75,7 @@ from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable, padding_stats, shapes_of, to_device
 from hub import BUNDLED_MODEL
 from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kernels, bench_search, end_to_end,
-                     format_table, git_commit, int8_agreement, kill_during_writes, load, machine_info,
+                     format_table, git_commit, encoder_agreement, kill_during_writes, load, machine_info,
                      matmul_tflops, notebook_train, ours_train, peer_train, row, run_child, sync, synthesize,
                      versions, writes_during_searches)
 from retrieval import Index
@@ -487,8 +489,16 @@ def stage_serve(ws, cfg, plan, rt):
         load(server.url, "/search", searches[:50], 4, 50)
         for c in (1, 32):
             measure(f"search_exact_batched_int8_c{c}", server, "/search", searches, c)
-    agreement = int8_agreement(index_dir, rt, n=500, seed=cfg.seed)
+    agreement = encoder_agreement(index_dir, rt, "int8", n=500, seed=cfg.seed)
     print(f"  int8 vs fp32: {agreement}", flush=True)
+    onnx = None
+    if rt.device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
+        with ServerProcess(index_dir, "--onnx", *device, log_path=os.path.join(ws.tmp, "serve_onnx.log")) as server:
+            load(server.url, "/search", searches[:50], 4, 50)
+            for c in (1, 32):
+                measure(f"search_exact_batched_onnx_c{c}", server, "/search", searches, c)
+        onnx = encoder_agreement(index_dir, rt, "onnx", n=500, seed=cfg.seed)
+        print(f"  onnx vs torch: {onnx}", flush=True)
     faults["kill_9_during_writes"] = kill_during_writes(index_dir, device, token, kill_after=200, log_dir=ws.tmp)
     print(f"  kill -9 during writes: {faults['kill_9_during_writes']}", flush=True)
 
@@ -528,12 +538,19 @@ def stage_serve(ws, cfg, plan, rt):
                 levels["search_exact_batched_int8_c32"]["requests_per_sec"] / on["requests_per_sec"]),
             row("serve", f"  --int8 vs fp32 answers: top-1 / top-10 agreement ({agreement['questions']} queries)",
                 agreement["top1_agreement"], agreement["top10_overlap"], None),
+            *([row("serve", "/search --onnx: p95 ms at 1 (vs torch)", levels["search_exact_batched_onnx_c1"]["p95_ms"],
+                   one["p95_ms"], one["p95_ms"] / levels["search_exact_batched_onnx_c1"]["p95_ms"]),
+               row("serve", "/search --onnx: requests/s at 32, batched (vs torch)",
+                   levels["search_exact_batched_onnx_c32"]["requests_per_sec"], on["requests_per_sec"],
+                   levels["search_exact_batched_onnx_c32"]["requests_per_sec"] / on["requests_per_sec"]),
+               row("serve", "  --onnx vs torch: top-10 agreement / min cosine of the query vectors",
+                   onnx["top10_overlap"], onnx["cosine_fp32_vs_onnx_min"], None)] if onnx else []),
             row("serve", "errors (every level and fault check)", errors, None, None, "0", errors == 0),
             row("serve", f"acknowledged questions lost ({cfg.serve_writes:,} writes during searches; kill -9)", lost,
                 None, None,
                 "0", lost == 0)]
     return {**built, "corpus": len(index), "levels": levels, "batching_stats_after_loads": batching,
-            "int8_agreement": agreement,
+            "int8_agreement": agreement, "onnx_agreement": onnx,
             "faults": faults, "requests_per_level": n, "ratio": on["requests_per_sec"] / off["requests_per_sec"],
             "rows": rows}
 

@@ -671,12 +671,13 @@ def kill_during_writes(index_dir, flags, token, kill_after=200, tag="k", log_dir
             "restart_seconds": restart}
 
 
-def int8_agreement(index_dir, rt, n=500, seed=0):
-    """How much serve.py --int8 changes the answers: n of the index's questions embedded by the
-    index's model in fp32, then with its encoder quantized (retrieval.quantize_int8): the cosine
-    of each question's two vectors, top-1 and top-10 agreement of exact search over the index, and
-    the classifier's probability of the same top-10 candidates."""
-    from retrieval import duplicate_probability, load_index_model, quantize_int8
+def encoder_agreement(index_dir, rt, variant="int8", n=500, seed=0):
+    """How much serve.py --int8 (or --onnx) changes the answers: n of the index's questions
+    embedded by the index's model in torch fp32, then with its encoder quantized
+    (retrieval.quantize_int8) or run by ONNX Runtime (retrieval.use_onnx): the cosine of each
+    question's two vectors, top-1 and top-10 agreement of exact search over the index, and the
+    classifier's probability of the same top-10 candidates."""
+    from retrieval import duplicate_probability, load_index_model, quantize_int8, use_onnx
     index = Index(index_dir)
     qe = load_index_model(index).to(rt.device)
     texts = index.questions[1]
@@ -684,9 +685,11 @@ def int8_agreement(index_dir, rt, n=500, seed=0):
     texts = [texts[i] for i in picks]
     matrix = search_matrix(index.vectors, rt.device)
     out = {}
-    for name in ("fp32", "int8"):
+    for name in ("fp32", variant):
         if name == "int8":
             quantize_int8(qe)
+        elif name == "onnx":
+            use_onnx(qe, torch.get_num_threads())
         t0 = time.perf_counter()
         pooled = embed_texts(qe, question_inference(qe, rt, 64), texts, verbose=False)
         seconds = time.perf_counter() - t0
@@ -694,15 +697,15 @@ def int8_agreement(index_dir, rt, n=500, seed=0):
         probs = None if qe.classifier is None else duplicate_probability(qe.classifier, pooled,
                                                                           index.rerank_vectors(rows), rt)
         out[name] = {"pooled": pooled, "rows": rows, "probs": probs, "seconds": seconds}
-    a, b = (unit(out[k]["pooled"])[0] for k in ("fp32", "int8"))
+    a, b = (unit(out[k]["pooled"])[0] for k in ("fp32", variant))
     cos = (a * b).sum(1)
-    ra, rb = out["fp32"]["rows"], out["int8"]["rows"]
-    result = {"questions": len(texts), "cosine_fp32_vs_int8_mean": float(cos.mean()),
-              "cosine_fp32_vs_int8_min": float(cos.min()), "top1_agreement": float((ra[:, 0] == rb[:, 0]).mean()),
+    ra, rb = out["fp32"]["rows"], out[variant]["rows"]
+    result = {"questions": len(texts), f"cosine_fp32_vs_{variant}_mean": float(cos.mean()),
+              f"cosine_fp32_vs_{variant}_min": float(cos.min()), "top1_agreement": float((ra[:, 0] == rb[:, 0]).mean()),
               "top10_overlap": overlap(rb, ra),
-              "embed_questions_per_sec": {k: len(texts) / out[k]["seconds"] for k in ("fp32", "int8")}}
-    if out["fp32"]["probs"] is not None:  # the same candidates' probabilities, fp32 vs int8 query vectors
-        pa = duplicate_probability(qe.classifier, out["int8"]["pooled"], index.rerank_vectors(ra), rt)
+              "embed_questions_per_sec": {k: len(texts) / out[k]["seconds"] for k in ("fp32", variant)}}
+    if out["fp32"]["probs"] is not None:  # the same candidates' probabilities, fp32 vs the variant's queries
+        pa = duplicate_probability(qe.classifier, out[variant]["pooled"], index.rerank_vectors(ra), rt)
         diff = np.abs(pa - out["fp32"]["probs"])
         result.update(probability_abs_diff_mean=float(diff.mean()), probability_abs_diff_max=float(diff.max()))
     return result

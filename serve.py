@@ -72,6 +72,8 @@ class ServeConfig:
     token: str = arg("", f"bearer token that POST /questions needs (or the {service.TOKEN_ENV} environment "
                          "variable); none: adding is off")
     ann: bool = arg(False, "search the index's ANN index (index.py --ann) instead of all vectors")
+    onnx: bool = arg(False, "CPU: run the encoder with ONNX Runtime (fp32, exported at start; the same vectors "
+                            "to 1e-5, about 1.2x the requests/s: bench.py's serve stage)")
     int8: bool = arg(False, "CPU: the encoder's linear layers in int8 (faster; query vectors differ slightly "
                             "from the index's fp32 ones: bench.py's serve stage measures by how much)")
     nprobe: int = arg(0, "IVF lists probed with --ann (0: the one calibrated when the index was built)")
@@ -130,6 +132,12 @@ def build(cfg):
             raise UserError(f"--int8 on {rt.device}: dynamic int8 quantization runs on the CPU only",
                             "drop --int8 (a GPU serves in bf16), or pass --device cpu")
         retrieval.quantize_int8(qe)
+    workers, threads = worker_threads(cfg, rt)
+    if cfg.onnx:
+        if rt.device.type != "cpu":
+            raise UserError(f"--onnx on {rt.device}: it runs the encoder on the CPU", "drop --onnx (a GPU serves "
+                            "in bf16), or pass --device cpu")
+        retrieval.use_onnx(qe, threads or torch.get_num_threads())
     # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
     # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
     # Encoder batches of at least 64 questions: a request of many (a /score of 256 pairs) is not cut
@@ -138,7 +146,6 @@ def build(cfg):
                                              engine.resolve_compile(cfg.compile, rt))
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
-    workers, threads = worker_threads(cfg, rt)
     batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms, workers)
     if threads:  # set on each worker's thread, where its encoder runs (OpenMP's setting is per thread)
         batcher.run_on_each(partial(torch.set_num_threads, threads))
@@ -171,6 +178,10 @@ def check_config(cfg, token):
     if not os.path.isdir(cfg.index):
         raise UserError(f"{cfg.index}: no such index folder", "build one: python index.py out/ckpt.pt "
                         f"questions.csv --out_dir {cfg.index}")
+    if cfg.onnx and (cfg.int8 or cfg.precision in ("bf16", "fp16") or cfg.shapes == "packed"
+                     or cfg.compile not in ("auto", "off")):
+        raise UserError("--onnx runs the encoder in fp32, in exact batches, uncompiled", "drop --onnx, or drop "
+                        "--int8 / --precision / --shapes packed / --compile")
     if cfg.nprobe and not cfg.ann:
         raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
     if not is_loopback(cfg.host) and not token:

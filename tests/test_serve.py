@@ -2,6 +2,7 @@
 test client (answers, the one scoring road, dynamic batching, every bad input and the answer it
 must get), then real server processes: kill -9 in the middle of writes, two servers on one
 database, index.py --fold, refusals at start, and the web page in a real headless browser."""
+import importlib.util
 import json
 import os
 import shutil
@@ -520,6 +521,29 @@ def test_page_in_a_real_browser_finds_a_duplicate_and_a_posted_question(fresh_in
 
 # ----------------------------------------------------------------------------- int8, and the bench stage
 
+def test_onnx_encoder_answers_as_torch(fresh_index, built, capsys):
+    """serve.py --onnx: the encoder run by ONNX Runtime gives the same searches, cosines and
+    probabilities as torch's (fp32, to 1e-5); it refuses what it cannot run."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime onnx)")
+    texts = index_questions(built["index"])[1][:6]
+    pairs = [[texts[0], texts[1]], [texts[2], "How do I bake bread at home?"]]
+    answers = {}
+    for onnx in (False, True):
+        with make_client(fresh_index, onnx=onnx) as c:
+            answers[onnx] = ([c.post("/search", json={"question": t, "k": 5}).json()["results"] for t in texts],
+                             c.post("/score", json={"pairs": pairs}).json()["results"])
+    for a, b in zip(answers[False][0], answers[True][0]):
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+        np.testing.assert_allclose([h["cosine"] for h in a], [h["cosine"] for h in b], atol=1e-5)
+        np.testing.assert_allclose([h["probability"] for h in a], [h["probability"] for h in b], atol=1e-5)
+    np.testing.assert_allclose([r["probability"] for r in answers[False][1]],
+                               [r["probability"] for r in answers[True][1]], atol=1e-5)
+    capsys.readouterr()
+    for flags in (["--int8"], ["--shapes", "packed"], ["--precision", "bf16"]):
+        err = run_bad(serve.main, [fresh_index, "--onnx", *flags], capsys)
+        assert "--onnx runs the encoder in fp32" in err and "drop --onnx" in err
+
+
 def test_int8_encoder_still_finds_the_planted_duplicate(fresh_index, built):
     ids, texts = index_questions(built["index"])
     with make_client(fresh_index, int8=True) as c:
@@ -544,6 +568,11 @@ def test_bench_serve_stage_runs_and_reports_its_rows(built, tmp_path):
     rows = {r["measure"]: r for r in stage["rows"]}
     assert rows["errors (every level and fault check)"]["pass"] is True
     assert stage["int8_agreement"]["questions"] > 0
+    assert {"search_exact_one_worker_batched_c32", "search_exact_one_worker_unbatched_c32"} <= set(stage["levels"])
+    if importlib.util.find_spec("onnxruntime") is not None:  # ONNX Runtime: the same vectors, so the same answers
+        assert "search_exact_batched_onnx_c32" in stage["levels"]
+        assert stage["onnx_agreement"]["cosine_fp32_vs_onnx_min"] > 0.99999
+        assert stage["onnx_agreement"]["top10_overlap"] == 1.0
 
 
 def test_a_database_that_is_not_one_refuses_to_start(fresh_index, capsys):
