@@ -4,7 +4,8 @@ asked that a new question duplicates.
 - read_questions: a data folder's questions (re-read from the source it records: question i of
   the folder is row i of the index), or any file text.read_question_file reads.
 - question_inference / embed_texts: question texts -> vectors of a model.QuestionEncoder, through
-  the one inference road (engine.Inference), each distinct text once.
+  the one inference road (engine.Inference), each distinct text once; quantize_int8 and use_onnx
+  (OnnxEncoder) swap the encoder for serve.py's --int8 and --onnx.
 - The index folder, written at once by data.write_data_dir (temp folder, then one rename):
       vectors.npy      (N, H) float16  L2-normalized question vectors, memory-mapped when read
       norms.npy        (N,)   float32  their norms before normalizing: the classifier head was
@@ -111,7 +112,7 @@ class OnnxEncoder(torch.nn.Module):
     """An HF encoder's forward run by ONNX Runtime (fp32, CPU): exported once at start, then called
     as the encoder was (input_ids, attention_mask 2D or 4D, token_type_ids), so every road to
     vectors (model.encode, exact batches) stays the same. The whole forward is one native call
-    that never takes the GIL: serve.py's workers and event loop stop waiting on each other."""
+    that releases the GIL: serve.py's workers and event loop stop waiting on each other."""
 
     def __init__(self, encoder, threads):
         super().__init__()
@@ -121,7 +122,7 @@ class OnnxEncoder(torch.nn.Module):
         self.config, self.types = encoder.config, takes_token_types(encoder)
         folder = tempfile.TemporaryDirectory(prefix="qqp-onnx-")
         path = os.path.join(folder.name, "encoder.onnx")
-        ids = torch.randint(1000, 2000, (3, 11))
+        ids = torch.randint(0, encoder.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
         mask = torch.ones(3, 11, dtype=torch.long)
         mask[0, 5:] = 0  # a padded row: the traced mask path is the one that masks
         names = ["input_ids", "attention_mask", *(["token_type_ids"] if self.types else [])]
