@@ -15,7 +15,8 @@ depended on the other examples in the batch. Here the softmax is over dim=-1 (th
 Both are Encoders: Encoder.vectors turns any collated batch, exact or packed, into one vector per
 sequence, and every path to vectors, logits, probabilities and cosines goes through it.
 load_question_encoder gives the vectors of question texts (a siamese checkpoint's, or an untuned
-encoder's) with what an index records about them.
+encoder's) with what an index records about them. OnnxEncoder stands in for an HF encoder with
+ONNX Runtime running its forward (serve.py --onnx); interpolated() mixes weights (WiSE-FT).
 
 Nothing runs at import: build_model(ModelConfig) builds, load_model() rebuilds from a checkpoint.
 """
@@ -25,6 +26,7 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -293,6 +295,58 @@ class CrossEncoder(PairModel):
         return self.head(emb)  # (B, 2)
 
 
+class OnnxEncoder(torch.nn.Module):
+    """An HF encoder's forward run by ONNX Runtime (fp32, CPU): exported once at start, then called
+    as the encoder was (input_ids, attention_mask 2D or 4D, token_type_ids), so every road to
+    vectors (model.encode, exact batches) stays the same. The whole forward is one native call
+    that releases the GIL: serve.py's workers and event loop stop waiting on each other."""
+
+    def __init__(self, encoder, threads):
+        super().__init__()
+        import tempfile
+        import warnings
+        import onnxruntime as ort
+        self.config, self.types = encoder.config, takes_token_types(encoder)
+        folder = tempfile.TemporaryDirectory(prefix="qqp-onnx-")
+        path = os.path.join(folder.name, "encoder.onnx")
+        ids = torch.randint(0, encoder.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(3, 11, dtype=torch.long)
+        mask[0, 5:] = 0  # a padded row: the traced mask path is the one that masks
+        names = ["input_ids", "attention_mask", *(["token_type_ids"] if self.types else [])]
+        dynamic = {name: {0: "rows", 1: "length"} for name in [*names, "hidden"]}
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated; still exact here (tests)
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Forward(encoder).eval(), (ids, mask, *([torch.zeros_like(ids)] if self.types else [])),
+                              path, input_names=names, output_names=["hidden"], dynamic_axes=dynamic,
+                              dynamo=False, opset_version=17)
+        encoder.eval()  # the export puts its module back in the mode it found, training included
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        folder.cleanup()  # the session holds the model in memory
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        mask = attention_mask[:, 0, 0, :] if attention_mask.dim() == 4 else attention_mask  # (N, L)
+        feed = {"input_ids": input_ids.long().numpy(), "attention_mask": mask.long().numpy()}
+        if self.types:
+            feed["token_type_ids"] = (torch.zeros_like(input_ids) if token_type_ids is None
+                                      else token_type_ids).long().numpy()
+        hidden = self.session.run(None, feed)[0]  # (N, L, H) float32
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
+
+
+class _Forward(torch.nn.Module):
+    """encoder(...).last_hidden_state, as a module the exporter can trace."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+
 @contextmanager
 def interpolated(module, start, alpha):
     """Inside: module's floating-point weights are start + alpha * (theirs - start), in place (the
@@ -304,7 +358,7 @@ def interpolated(module, start, alpha):
     if alpha == 1:
         yield module
         return
-    own = {name: t.detach().clone() for name, t in float_weights(module).items()}
+    own = pretrained_weights(module)  # its own weights, to put back
     with torch.no_grad():
         for name, t in float_weights(module).items():
             t.copy_(start[name].to(t.device) + alpha * (own[name] - start[name].to(t.device)))

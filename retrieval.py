@@ -5,7 +5,7 @@ asked that a new question duplicates.
   the folder is row i of the index), or any file text.read_question_file reads.
 - question_inference / embed_texts: question texts -> vectors of a model.QuestionEncoder, through
   the one inference road (engine.Inference), each distinct text once; quantize_int8 and use_onnx
-  (OnnxEncoder) swap the encoder for serve.py's --int8 and --onnx.
+  (model.OnnxEncoder) swap the encoder for serve.py's --int8 and --onnx.
 - The index folder, written at once by data.write_data_dir (temp folder, then one rename):
       vectors.npy      (N, H) float16  L2-normalized question vectors, memory-mapped when read
       norms.npy        (N,)   float32  their norms before normalizing: the classifier head was
@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from functools import cached_property, partial
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ import torch
 import engine
 from cli import UserError
 from data import QuestionDataset, fingerprint, load_manifest, write_data_dir
-from model import describe_model, load_question_encoder, takes_token_types
+from model import OnnxEncoder, describe_model, load_question_encoder
 from text import file_sha256, pair_file_questions, read_question_file, tokenize
 
 INDEX_FORMAT = "qqp-question-index-v1"
@@ -108,62 +107,10 @@ def quantize_int8(qe):
     return qe
 
 
-class OnnxEncoder(torch.nn.Module):
-    """An HF encoder's forward run by ONNX Runtime (fp32, CPU): exported once at start, then called
-    as the encoder was (input_ids, attention_mask 2D or 4D, token_type_ids), so every road to
-    vectors (model.encode, exact batches) stays the same. The whole forward is one native call
-    that releases the GIL: serve.py's workers and event loop stop waiting on each other."""
-
-    def __init__(self, encoder, threads):
-        super().__init__()
-        import tempfile
-        import warnings
-        import onnxruntime as ort
-        self.config, self.types = encoder.config, takes_token_types(encoder)
-        folder = tempfile.TemporaryDirectory(prefix="qqp-onnx-")
-        path = os.path.join(folder.name, "encoder.onnx")
-        ids = torch.randint(0, encoder.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones(3, 11, dtype=torch.long)
-        mask[0, 5:] = 0  # a padded row: the traced mask path is the one that masks
-        names = ["input_ids", "attention_mask", *(["token_type_ids"] if self.types else [])]
-        dynamic = {name: {0: "rows", 1: "length"} for name in [*names, "hidden"]}
-        with warnings.catch_warnings():  # the TorchScript exporter is deprecated; still exact here (tests)
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Forward(encoder).eval(), (ids, mask, *([torch.zeros_like(ids)] if self.types else [])),
-                              path, input_names=names, output_names=["hidden"], dynamic_axes=dynamic,
-                              dynamo=False, opset_version=17)
-        encoder.eval()  # the export puts its module back in the mode it found, training included
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        folder.cleanup()  # the session holds the model in memory
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        mask = attention_mask[:, 0, 0, :] if attention_mask.dim() == 4 else attention_mask  # (N, L)
-        feed = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": mask.numpy().astype(np.int64)}
-        if self.types:
-            feed["token_type_ids"] = (torch.zeros_like(input_ids) if token_type_ids is None
-                                      else token_type_ids).numpy().astype(np.int64)
-        hidden = self.session.run(None, feed)[0]  # (N, L, H) float32
-        return SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
-
-
-class _Forward(torch.nn.Module):
-    """encoder(...).last_hidden_state, as a module the exporter can trace."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-
-
 def use_onnx(qe, threads):
     """qe's encoder run by ONNX Runtime from now on (in place; CPU only; the classifier head stays
     torch), `threads` threads per call. Its vectors equal torch's fp32 ones to about 1e-5 (tests)."""
-    qe.module.encoder = OnnxEncoder(qe.module.encoder, threads)
+    qe.module.encoder = OnnxEncoder(qe.module.encoder, threads)  # (the model's Encoder keeps its pooling)
     return qe
 
 

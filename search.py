@@ -49,7 +49,7 @@ from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable
 from measure import measure_speed
 from model import describe_model
-from search_eval import EVAL_SPLITS, check_index_of_folder, eval_protocol, ranking_metrics
+from search_eval import EVAL_SPLITS, check_index_of_folder, eval_protocol, excluded_rows, ranking_metrics
 from text import write_table
 
 
@@ -236,7 +236,7 @@ def evaluate(cfg, index, qe, rt):
     queries, relevant, outside = eval_protocol(cfg.eval, len(index), cfg.split)
     check_k(cfg.k, len(index) - len(outside) - 1)
     ids, texts = index.questions
-    exclude = np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
+    exclude = excluded_rows(queries, outside)
     scores, rows, probs, ann_recall = retrieve(cfg, index, qe, [texts[q] for q in queries.tolist()], rt, exclude)
     metrics, per_query = ranking_metrics(rows, relevant)
     label = system_label(cfg, index)

@@ -60,6 +60,11 @@ def eval_protocol(data_dir, n_questions, split="test"):
     return queries, relevant, np.flatnonzero(~in_split)
 
 
+def excluded_rows(queries, outside):
+    """(Q, 1 + O) rows each query's search must skip: the query itself and the rows in no split."""
+    return np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
+
+
 def ranking_metrics(rows, relevant, ks=(1, 5, 10)):
     """Retrieval metrics of ranked rows (Q, K) (-1: nothing) against each query's relevant rows:
     recall@k (share of its relevant rows in the top k), MRR@K (1 / rank of the first relevant one,
@@ -84,6 +89,6 @@ def folder_benchmark(unit_vectors, data_dir, split="test", k=10):
     Returns (mean metrics, per-query metrics), as ranking_metrics."""
     queries, relevant, outside = eval_protocol(data_dir, len(unit_vectors), split)
     matrix = torch.as_tensor(np.ascontiguousarray(unit_vectors, np.float32))
-    exclude = np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
-    _, rows = exclude_rows(partial(exact_search, matrix, matrix[torch.from_numpy(queries)].numpy()), k, exclude)
+    _, rows = exclude_rows(partial(exact_search, matrix, matrix[torch.from_numpy(queries)].numpy()), k,
+                           excluded_rows(queries, outside))
     return ranking_metrics(rows, relevant)

@@ -137,7 +137,7 @@ def build(cfg):
         if rt.device.type != "cpu":
             raise UserError(f"--onnx on {rt.device}: it runs the encoder on the CPU", "drop --onnx (a GPU serves "
                             "in bf16), or pass --device cpu")
-        retrieval.use_onnx(qe, threads or torch.get_num_threads())
+        retrieval.use_onnx(qe, threads)  # on the CPU, worker_threads gives >= 1
     # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
     # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
     # Encoder batches of at least 64 questions: a request of many (a /score of 256 pairs) is not cut

@@ -31,7 +31,7 @@ from data import PairDataset  # noqa: E402
 from metrics import best_threshold, compute_metrics  # noqa: E402
 from model import (ModelConfig, interpolated, load_encoder, load_question_encoder,  # noqa: E402
                    pretrained_weights)
-from search_eval import EVAL_SPLITS, eval_protocol, folder_benchmark, ranking_metrics  # noqa: E402
+from search_eval import EVAL_SPLITS, eval_protocol, excluded_rows, folder_benchmark, ranking_metrics  # noqa: E402
 
 
 @dataclass
@@ -92,9 +92,9 @@ class Vectors:
 def rerank_benchmark(cfg, rt, classifier, pooled, unit, depth=50):
     """search.py --eval --rerank on these vectors: exact top `depth`, re-ordered by the classifier."""
     queries, relevant, outside = eval_protocol(cfg.data_dir, len(unit), cfg.split)
-    exclude = np.concatenate([queries[:, None], np.broadcast_to(outside, (len(queries), len(outside)))], axis=1)
     matrix = torch.from_numpy(np.ascontiguousarray(unit, np.float32))
-    scores, rows = retrieval.exclude_rows(partial(retrieval.exact_search, matrix, unit[queries]), depth, exclude)
+    scores, rows = retrieval.exclude_rows(partial(retrieval.exact_search, matrix, unit[queries]), depth,
+                                          excluded_rows(queries, outside))
     _, rows, _ = retrieval.rerank(classifier, pooled[queries], Vectors(pooled), scores, rows, rt)
     return ranking_metrics(rows[:, :10], relevant)[0]
 
