@@ -37,9 +37,10 @@ Stages (--stages, comma-separated, or 'all'):
               closed loop) at concurrency 1, 8 and 32: requests/s and p50/p95/p99 ms of /search
               (exact, and ANN at 1 and 32) and /score, with dynamic batching (--max_batch 64) and
               without it (--max_batch 1) in the same run, both with serve.py's default encoder workers
-              (two on a CPU), and on a CPU also one worker with and without batching (the one-at-a-time
-              server of before), and --int8 and --onnx (their speed, and how much each changes the
-              answers: measure.encoder_agreement); errors counted. Faults: a writer adds 1,000
+              (two on a CPU) and encoder runtime (auto: ONNX Runtime on a CPU); on a CPU also one
+              worker with and without batching (the one-at-a-time server of before), the other
+              runtime (torch), and --int8 (their speed, and how much each changes the answers:
+              measure.encoder_agreement); errors counted. Faults: a writer adds 1,000
               questions while searches run, then every acknowledged one is searched for; a server
               killed with SIGKILL in the middle of writes is restarted and every acknowledged one is
               searched for. Targets (2 CPU cores, the real rows' index): /search p95 < 50 ms at
@@ -465,7 +466,8 @@ def stage_serve(ws, cfg, plan, rt):
             measure(f"search_exact_batched_c{c}", server, "/search", searches, c)
         for c in (1, 32):
             measure(f"score_batched_c{c}", server, "/score", scores, c)
-        batching = server.stats()["batching"]
+        started = server.stats()
+        batching, runtime = started["batching"], started["runtime"]
         faults = {"writes_during_searches": writes_during_searches(server, searches, cfg.serve_writes, 8)}
         print(f"  {cfg.serve_writes:,} writes during searches: {faults['writes_during_searches']}", flush=True)
     with ServerProcess(index_dir, "--max_batch", "1", *device, token=token,
@@ -485,18 +487,29 @@ def stage_serve(ws, cfg, plan, rt):
         load(server.url, "/search", searches[:50], 4, 50)
         for c in (1, 32):
             measure(f"search_ann_batched_c{c}", server, "/search", searches, c)
-    with ServerProcess(index_dir, "--int8", *device, token=token, log_path=os.path.join(ws.tmp, "serve_int8.log")) as server:
-        load(server.url, "/search", searches[:50], 4, 50)
-        for c in (1, 32):
-            measure(f"search_exact_batched_int8_c{c}", server, "/search", searches, c)
-    agreement = encoder_agreement(index_dir, rt, "int8", n=500, seed=cfg.seed)
-    print(f"  int8 vs fp32: {agreement}", flush=True)
-    onnx = None
-    if rt.device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
-        with ServerProcess(index_dir, "--onnx", *device, log_path=os.path.join(ws.tmp, "serve_onnx.log")) as server:
+    # The other encoder runtime against serve.py's default (auto: ONNX Runtime on a CPU where it is
+    # installed, torch elsewhere), and --int8 (torch's) against torch fp32.
+    other = {"onnx": "torch", "torch": "onnx"}[runtime]
+    if other == "onnx" and (rt.device.type != "cpu" or importlib.util.find_spec("onnxruntime") is None):
+        other = None
+    if other:
+        for name, flags in (("batched", []), ("unbatched", ["--max_batch", "1"])):
+            with ServerProcess(index_dir, "--runtime", other, *flags, *device,
+                               log_path=os.path.join(ws.tmp, f"serve_{other}_{name}.log")) as server:
+                load(server.url, "/search", searches[:50], 4, 50)
+                for c in ((1, 32) if name == "batched" else (32,)):
+                    measure(f"search_exact_{name}_{other}_c{c}", server, "/search", searches, c)
+    torch_level = "search_exact_batched_c{}" if runtime == "torch" else "search_exact_batched_torch_c{}"
+    agreement = None
+    if rt.device.type == "cpu":  # int8: torch's dynamic quantization, CPU only
+        with ServerProcess(index_dir, "--int8", *device, log_path=os.path.join(ws.tmp, "serve_int8.log")) as server:
             load(server.url, "/search", searches[:50], 4, 50)
             for c in (1, 32):
-                measure(f"search_exact_batched_onnx_c{c}", server, "/search", searches, c)
+                measure(f"search_exact_batched_int8_c{c}", server, "/search", searches, c)
+        agreement = encoder_agreement(index_dir, rt, "int8", n=500, seed=cfg.seed)
+        print(f"  int8 vs fp32: {agreement}", flush=True)
+    onnx = None
+    if "onnx" in (runtime, other):
         onnx = encoder_agreement(index_dir, rt, "onnx", n=500, seed=cfg.seed)
         print(f"  onnx vs torch: {onnx}", flush=True)
     faults["kill_9_during_writes"] = kill_during_writes(index_dir, device, token, kill_after=200, log_dir=ws.tmp)
@@ -511,9 +524,9 @@ def stage_serve(ws, cfg, plan, rt):
     lost = faults["writes_during_searches"]["lost"] + faults["kill_9_during_writes"]["lost"]
     at_scale = len(index) >= SEARCH_TARGET_SCALE
     corpus = f"{len(index):,} questions"
-    rows = [row("serve", f"/search p95 ms, concurrency 1 (exact, {corpus})", one["p95_ms"], None, None,
+    rows = [row("serve", f"/search p95 ms, concurrency 1 (exact, {corpus}; encoder on {runtime})", one["p95_ms"], None, None,
                 "< 50 ms", one["p95_ms"] < 50),
-            row("serve", "/search requests/s, concurrency 32: batched vs not (same workers)", on["requests_per_sec"],
+            row("serve", f"/search requests/s, concurrency 32: batched vs not (same workers, {runtime})", on["requests_per_sec"],
                 off["requests_per_sec"], on["requests_per_sec"] / off["requests_per_sec"], ">= 150/s, >= 3x",
                 on["requests_per_sec"] >= 150 and on["requests_per_sec"] / off["requests_per_sec"] >= 3),
             row("serve", "  p95 ms at 32: batched vs not", on["p95_ms"], off["p95_ms"], off["p95_ms"] / on["p95_ms"]),
@@ -531,25 +544,36 @@ def stage_serve(ws, cfg, plan, rt):
             row("serve", "/score (1 pair) requests/s, concurrency 32: batched vs not",
                 levels["score_batched_c32"]["requests_per_sec"], levels["score_unbatched_c32"]["requests_per_sec"],
                 levels["score_batched_c32"]["requests_per_sec"] / levels["score_unbatched_c32"]["requests_per_sec"]),
-            row("serve", "/search --int8: p95 ms at 1 (vs fp32)", levels["search_exact_batched_int8_c1"]["p95_ms"],
-                one["p95_ms"], one["p95_ms"] / levels["search_exact_batched_int8_c1"]["p95_ms"]),
-            row("serve", "/search --int8: requests/s at 32, batched (vs fp32)",
-                levels["search_exact_batched_int8_c32"]["requests_per_sec"], on["requests_per_sec"],
-                levels["search_exact_batched_int8_c32"]["requests_per_sec"] / on["requests_per_sec"]),
-            row("serve", f"  --int8 vs fp32 answers: top-1 / top-10 agreement ({agreement['questions']} queries)",
-                agreement["top1_agreement"], agreement["top10_overlap"], None),
-            *([row("serve", "/search --onnx: p95 ms at 1 (vs torch)", levels["search_exact_batched_onnx_c1"]["p95_ms"],
-                   one["p95_ms"], one["p95_ms"] / levels["search_exact_batched_onnx_c1"]["p95_ms"]),
-               row("serve", "/search --onnx: requests/s at 32, batched (vs torch)",
-                   levels["search_exact_batched_onnx_c32"]["requests_per_sec"], on["requests_per_sec"],
-                   levels["search_exact_batched_onnx_c32"]["requests_per_sec"] / on["requests_per_sec"]),
-               row("serve", "  --onnx vs torch: top-10 agreement / min cosine of the query vectors",
+            *([row("serve", f"/search --runtime {other}: p95 ms at 1 (vs {runtime}, the default)",
+                   levels[f"search_exact_batched_{other}_c1"]["p95_ms"], one["p95_ms"],
+                   one["p95_ms"] / levels[f"search_exact_batched_{other}_c1"]["p95_ms"]),
+               row("serve", f"/search --runtime {other}: requests/s at 32, batched (vs {runtime}, the default)",
+                   levels[f"search_exact_batched_{other}_c32"]["requests_per_sec"], on["requests_per_sec"],
+                   levels[f"search_exact_batched_{other}_c32"]["requests_per_sec"] / on["requests_per_sec"]),
+               row("serve", f"  --runtime {other}: requests/s at 32, batched vs not (same workers)",
+                   levels[f"search_exact_batched_{other}_c32"]["requests_per_sec"],
+                   levels[f"search_exact_unbatched_{other}_c32"]["requests_per_sec"],
+                   levels[f"search_exact_batched_{other}_c32"]["requests_per_sec"] /
+                   levels[f"search_exact_unbatched_{other}_c32"]["requests_per_sec"])]
+              if other else []),
+            *([row("serve", "  onnx vs torch answers: top-10 agreement / min cosine of the query vectors",
                    onnx["top10_overlap"], onnx["cosine_fp32_vs_onnx_min"], None)] if onnx else []),
+            *([row("serve", "/search --int8: p95 ms at 1 (vs torch fp32)", levels["search_exact_batched_int8_c1"]["p95_ms"],
+                   levels[torch_level.format(1)]["p95_ms"],
+                   levels[torch_level.format(1)]["p95_ms"] / levels["search_exact_batched_int8_c1"]["p95_ms"]),
+               row("serve", "/search --int8: requests/s at 32, batched (vs torch fp32)",
+                   levels["search_exact_batched_int8_c32"]["requests_per_sec"],
+                   levels[torch_level.format(32)]["requests_per_sec"],
+                   levels["search_exact_batched_int8_c32"]["requests_per_sec"] /
+                   levels[torch_level.format(32)]["requests_per_sec"]),
+               row("serve", f"  --int8 vs fp32 answers: top-1 / top-10 agreement ({agreement['questions']} queries)",
+                   agreement["top1_agreement"], agreement["top10_overlap"], None)]
+              if agreement and torch_level.format(1) in levels else []),
             row("serve", "errors (every level and fault check)", errors, None, None, "0", errors == 0),
             row("serve", f"acknowledged questions lost ({cfg.serve_writes:,} writes during searches; kill -9)", lost,
                 None, None,
                 "0", lost == 0)]
-    return {**built, "corpus": len(index), "levels": levels, "batching_stats_after_loads": batching,
+    return {**built, "corpus": len(index), "runtime": runtime, "levels": levels, "batching_stats_after_loads": batching,
             "int8_agreement": agreement, "onnx_agreement": onnx,
             "faults": faults, "requests_per_level": n, "ratio": on["requests_per_sec"] / off["requests_per_sec"],
             "rows": rows}

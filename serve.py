@@ -21,7 +21,8 @@ sees the others' additions at its next request); `python index.py --fold --out_d
 them into the folder. Concurrent requests are embedded together (--max_batch questions, waiting at
 most --max_wait_ms for more; --max_batch 1: one at a time) through the inference road of every
 other script, in worker threads beside the event loop (--workers: on a CPU two, each encoding its
-own batch; searches and commits one at a time).
+own batch; searches and commits one at a time). On a CPU the encoder runs on ONNX Runtime where it
+is installed (--runtime: the same vectors to 1e-5, faster than torch; bench.py's serve stage).
 
 Safety: binds 127.0.0.1 unless --host says otherwise; adding questions needs the bearer token
 (--token, or the QQP_SERVE_TOKEN environment variable, which `ps` does not show), and is off
@@ -30,6 +31,7 @@ request, question length and k are limited (flags below); every bad request gets
 one-line JSON error naming the field. The index's model is fingerprint-checked at start (a moved
 checkpoint: --checkpoint), like search.py.
 """
+import importlib.util
 import ipaddress
 import json
 import os
@@ -54,6 +56,7 @@ RANGES = {"port": (lambda v: 1 <= v <= 65535, "in [1, 65535]"),
           "max_batch": (lambda v: v >= 1, "at least 1 (1: no batching)"),
           "threads": (lambda v: v >= 0, "0 (the cores shared out among the workers) or more"),
           "workers": (lambda v: v >= 0, "0 (auto) or more"),
+          "batch_size": (lambda v: v >= 0, "0 (auto) or more"),
           "max_wait_ms": (lambda v: 0 <= v <= 1000, "in [0, 1000]"),
           "nprobe": (lambda v: v >= 0, "0 (as calibrated) or more"),
           "rerank_depth": (lambda v: v >= 1, "at least 1"),
@@ -72,8 +75,11 @@ class ServeConfig:
     token: str = arg("", f"bearer token that POST /questions needs (or the {service.TOKEN_ENV} environment "
                          "variable); none: adding is off")
     ann: bool = arg(False, "search the index's ANN index (index.py --ann) instead of all vectors")
-    onnx: bool = arg(False, "CPU: run the encoder with ONNX Runtime (fp32, exported at start; the same vectors "
-                            "to 1e-5, about 1.2x the requests/s: bench.py's serve stage)")
+    runtime: Literal["auto", "torch", "onnx"] = arg("auto", "what runs the encoder: onnx (ONNX Runtime on the CPU, "
+                                                    "fp32, exported at start: the same vectors to 1e-5, faster: "
+                                                    "bench.py's serve stage) or torch; auto: onnx where it can run "
+                                                    "(a CPU, fp32, exact batches, no --int8 or --compile, "
+                                                    "onnxruntime installed), else torch")
     int8: bool = arg(False, "CPU: the encoder's linear layers in int8 (faster; query vectors differ slightly "
                             "from the index's fp32 ones: bench.py's serve stage measures by how much)")
     nprobe: int = arg(0, "IVF lists probed with --ann (0: the one calibrated when the index was built)")
@@ -86,6 +92,9 @@ class ServeConfig:
     threads: int = arg(0, "CPU: torch threads each worker's encoder uses (0: the cores shared out among the "
                           "workers)")
     max_batch: int = arg(64, "questions embedded together at most (dynamic batching; 1: off)")
+    batch_size: int = arg(0, "questions per encoder call: a batch is sorted by length and cut into calls of at "
+                             "most this many, each padded to its own longest (0: auto: 8 with onnx, where short "
+                             "calls run faster; 64 with torch)")
     max_wait_ms: float = arg(2.0, "after the first request of a batch, wait at most this long for more")
     rerank_depth: int = arg(50, "candidates a search with rerank re-scores")
     max_body_bytes: int = arg(service.Limits.max_body_bytes, "request body limit (413 over it)")
@@ -107,7 +116,8 @@ def main(argv=None):
 def serve(cfg):
     import uvicorn
     app, about = build(cfg)
-    print(f"serving {about['corpus']:,} questions ({about['model']}) at http://{cfg.host}:{cfg.port}/ "
+    print(f"serving {about['corpus']:,} questions ({about['model']}; encoder on {about['runtime']}, "
+          f"{about['workers']} worker(s)) at http://{cfg.host}:{cfg.port}/ "
           f"(the page; API at /docs); adding questions {'on' if about['token'] else 'off (no token)'}; "
           f"Ctrl-C stops", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
@@ -133,17 +143,18 @@ def build(cfg):
                             "drop --int8 (a GPU serves in bf16), or pass --device cpu")
         retrieval.quantize_int8(qe)
     workers, threads = worker_threads(cfg, rt)
-    if cfg.onnx:
-        if rt.device.type != "cpu":
-            raise UserError(f"--onnx on {rt.device}: it runs the encoder on the CPU", "drop --onnx (a GPU serves "
-                            "in bf16), or pass --device cpu")
+    runtime = encoder_runtime(cfg, rt)
+    if runtime == "onnx":
         retrieval.use_onnx(qe, threads)  # on the CPU, worker_threads gives >= 1
     # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
     # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
-    # Encoder batches of at least 64 questions: a request of many (a /score of 256 pairs) is not cut
-    # into batches of 1 when batching across requests is off.
-    inference = retrieval.question_inference(qe, rt, max(cfg.max_batch, 64), cfg.shapes,
-                                             engine.resolve_compile(cfg.compile, rt))
+    # The exact layout sorts a batch by length before cutting it into encoder calls, so smaller
+    # calls pad less: ONNX Runtime runs 8 at a time about 1.15x faster than 64 (served questions
+    # are 16 tokens on average, a batch's longest 40). torch gains nothing from it; there at least
+    # 64 questions, so that a request of many (a /score of 256 pairs) is not cut into calls of 1
+    # when batching across requests is off.
+    batch_size = cfg.batch_size or (8 if runtime == "onnx" else max(cfg.max_batch, 64))
+    inference = retrieval.question_inference(qe, rt, batch_size, cfg.shapes, engine.resolve_compile(cfg.compile, rt))
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
     batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms, workers)
@@ -151,7 +162,8 @@ def build(cfg):
         batcher.run_on_each(partial(torch.set_num_threads, threads))
     batcher.run_on_each(work.warm_up)  # lazy initialization (on CUDA: the compile) paid now, not by the first user
     limits = service.Limits(cfg.max_body_bytes, cfg.max_questions, cfg.max_question_chars, cfg.max_k)
-    about = {"index": os.path.abspath(cfg.index), "database": store.path, "workers": workers,
+    about = {"index": os.path.abspath(cfg.index), "database": store.path, "runtime": runtime,
+             "encoder_batch_size": batch_size, "workers": workers,
              "threads_per_worker": threads or torch.get_num_threads(), "started_in_s": round(time.time() - t0, 1)}
     app = service.make_app(work, batcher, limits, token, about)
     return app, {**about, "corpus": len(live), "model": describe_model(qe.record), "token": bool(token)}
@@ -172,16 +184,35 @@ def worker_threads(cfg, rt):
     return workers, cfg.threads or max(1, cores // workers)
 
 
+def encoder_runtime(cfg, rt):
+    """torch or onnx, as --runtime says (onnx refused off the CPU); auto: onnx where it runs the
+    same model (fp32 on a CPU, exact batches, uncompiled, not int8) and onnxruntime is installed."""
+    if cfg.runtime == "onnx" and rt.device.type != "cpu":
+        raise UserError(f"--runtime onnx on {rt.device}: it runs the encoder on the CPU", "drop --runtime (a GPU "
+                        "serves in bf16 with torch), or pass --device cpu")
+    if cfg.runtime != "auto":
+        return cfg.runtime
+    same_model = rt.device.type == "cpu" and rt.precision == "fp32" and not onnx_conflicts(cfg)
+    installed = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+    return "onnx" if same_model and installed else "torch"
+
+
+def onnx_conflicts(cfg):
+    """The flags ONNX Runtime cannot honour (it runs fp32, exact batches, uncompiled, not int8)."""
+    flags = (("--int8", cfg.int8), (f"--precision {cfg.precision}", cfg.precision in ("bf16", "fp16")),
+             ("--shapes packed", cfg.shapes == "packed"), (f"--compile {cfg.compile}", cfg.compile not in ("auto", "off")))
+    return [flag for flag, on in flags if on]
+
+
 def check_config(cfg, token):
     """Every flag checked before anything loads."""
     check_ranges(cfg, RANGES)
     if not os.path.isdir(cfg.index):
         raise UserError(f"{cfg.index}: no such index folder", "build one: python index.py out/ckpt.pt "
                         f"questions.csv --out_dir {cfg.index}")
-    if cfg.onnx and (cfg.int8 or cfg.precision in ("bf16", "fp16") or cfg.shapes == "packed"
-                     or cfg.compile not in ("auto", "off")):
-        raise UserError("--onnx runs the encoder in fp32, in exact batches, uncompiled", "drop --onnx, or drop "
-                        "--int8 / --precision / --shapes packed / --compile")
+    if cfg.runtime == "onnx" and onnx_conflicts(cfg):
+        raise UserError(f"--runtime onnx with {' '.join(onnx_conflicts(cfg))}: ONNX Runtime runs the encoder in "
+                        "fp32, in exact batches, uncompiled", f"drop {onnx_conflicts(cfg)[0]}, or pass --runtime torch")
     if cfg.nprobe and not cfg.ann:
         raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
     if not is_loopback(cfg.host) and not token:

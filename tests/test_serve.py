@@ -9,12 +9,14 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
 from conftest import synthetic_rows, write_csv
 from test_evaluate import make_checkpoint, run_bad
 
+import engine
 import index
 import predict
 import retrieval
@@ -522,26 +524,46 @@ def test_page_in_a_real_browser_finds_a_duplicate_and_a_posted_question(fresh_in
 # ----------------------------------------------------------------------------- int8, and the bench stage
 
 def test_onnx_encoder_answers_as_torch(fresh_index, built, capsys):
-    """serve.py --onnx: the encoder run by ONNX Runtime gives the same searches, cosines and
-    probabilities as torch's (fp32, to 1e-5); it refuses what it cannot run."""
+    """serve.py --runtime onnx: the encoder run by ONNX Runtime gives the same searches, cosines and
+    probabilities as torch's (fp32, to 1e-5); auto picks it on a CPU unless a flag needs torch; it
+    refuses what it cannot run."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime onnx)")
     texts = index_questions(built["index"])[1][:6]
     pairs = [[texts[0], texts[1]], [texts[2], "How do I bake bread at home?"]]
     answers = {}
-    for onnx in (False, True):
-        with make_client(fresh_index, onnx=onnx) as c:
-            answers[onnx] = ([c.post("/search", json={"question": t, "k": 5}).json()["results"] for t in texts],
-                             c.post("/score", json={"pairs": pairs}).json()["results"])
-    for a, b in zip(answers[False][0], answers[True][0]):
+    for runtime in ("torch", "onnx"):
+        with make_client(fresh_index, runtime=runtime) as c:
+            assert c.get("/stats").json()["runtime"] == runtime
+            answers[runtime] = ([c.post("/search", json={"question": t, "k": 5}).json()["results"] for t in texts],
+                                c.post("/score", json={"pairs": pairs}).json()["results"])
+    for a, b in zip(answers["torch"][0], answers["onnx"][0]):
         assert [h["id"] for h in a] == [h["id"] for h in b]
         np.testing.assert_allclose([h["cosine"] for h in a], [h["cosine"] for h in b], atol=1e-5)
         np.testing.assert_allclose([h["probability"] for h in a], [h["probability"] for h in b], atol=1e-5)
-    np.testing.assert_allclose([r["probability"] for r in answers[False][1]],
-                               [r["probability"] for r in answers[True][1]], atol=1e-5)
+    np.testing.assert_allclose([r["probability"] for r in answers["torch"][1]],
+                               [r["probability"] for r in answers["onnx"][1]], atol=1e-5)
+    rt = engine.setup_runtime("cpu")
+    auto = partial(serve.ServeConfig, index=fresh_index)
+    assert serve.encoder_runtime(auto(), rt) == "onnx"
+    assert serve.encoder_runtime(auto(int8=True), rt) == "torch"
+    assert serve.encoder_runtime(auto(shapes="packed"), rt) == "torch"
     capsys.readouterr()
     for flags in (["--int8"], ["--shapes", "packed"], ["--precision", "bf16"]):
-        err = run_bad(serve.main, [fresh_index, "--onnx", *flags], capsys)
-        assert "--onnx runs the encoder in fp32" in err and "drop --onnx" in err
+        err = run_bad(serve.main, [fresh_index, "--runtime", "onnx", *flags], capsys)
+        assert "ONNX Runtime runs the encoder in fp32" in err and f"drop {flags[0]}" in err
+
+
+def test_encoder_batch_size_cuts_a_batch_into_calls_with_the_same_answers(fresh_index, built):
+    """--batch_size 2: a gathered batch is encoded two questions a call (sorted by length), and
+    the answers are those of one call for all (padding changes nothing beyond float noise)."""
+    texts = index_questions(built["index"])[1][:12]
+    answers = []
+    for batch_size in (2, 64):
+        with make_client(fresh_index, runtime="torch", batch_size=batch_size) as c:
+            assert c.get("/stats").json()["encoder_batch_size"] == batch_size
+            answers.append(c.post("/score", json={"pairs": [[a, b] for a, b in zip(texts, texts[::-1])]}).json())
+    np.testing.assert_allclose([r["probability"] for r in answers[0]["results"]],
+                               [r["probability"] for r in answers[1]["results"]], atol=1e-5)
 
 
 def test_int8_encoder_still_finds_the_planted_duplicate(fresh_index, built):
@@ -570,7 +592,8 @@ def test_bench_serve_stage_runs_and_reports_its_rows(built, tmp_path):
     assert stage["int8_agreement"]["questions"] > 0
     assert {"search_exact_one_worker_batched_c32", "search_exact_one_worker_unbatched_c32"} <= set(stage["levels"])
     if importlib.util.find_spec("onnxruntime") is not None:  # ONNX Runtime: the same vectors, so the same answers
-        assert "search_exact_batched_onnx_c32" in stage["levels"]
+        assert stage["runtime"] == "onnx"  # auto, on a CPU
+        assert {"search_exact_batched_torch_c32", "search_exact_unbatched_torch_c32"} <= set(stage["levels"])
         assert stage["onnx_agreement"]["cosine_fp32_vs_onnx_min"] > 0.99999
         assert stage["onnx_agreement"]["top10_overlap"] == 1.0
 
