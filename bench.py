@@ -38,12 +38,15 @@ Stages (--stages, comma-separated, or 'all'):
               (exact, and ANN at 1 and 32) and /score, with dynamic batching (--max_batch 64) and
               without it (--max_batch 1) in the same run, both with serve.py's default encoder workers
               (two on a CPU) and encoder runtime (auto: ONNX Runtime on a CPU); on a CPU also one
-              worker with and without batching (the one-at-a-time server of before), the other
-              runtime (torch), and --int8 (their speed, and how much each changes the answers:
-              measure.encoder_agreement); errors counted. Faults: a writer adds 1,000
-              questions while searches run, then every acknowledged one is searched for; a server
-              killed with SIGKILL in the middle of writes is restarted and every acknowledged one is
-              searched for. Targets (2 CPU cores, the real rows' index): /search p95 < 50 ms at
+              worker with and without batching (the one-at-a-time server of before), one encoder
+              call per batch (--batch_size 64, against ONNX Runtime's 8), the other runtime
+              (torch), and --int8 (their speed, and how much each changes the answers:
+              measure.encoder_agreement), and the encoder alone on one thread, a question in a
+              batch of 32 against one alone (measure.encoder_batching_gain: the most batching can
+              gain over workers that take one request each); errors counted. Faults: a writer adds
+              1,000 questions while searches run, then every acknowledged one is searched for; a
+              server killed with SIGKILL in the middle of writes is restarted and every acknowledged
+              one is searched for. Targets (2 CPU cores, the real rows' index): /search p95 < 50 ms at
               concurrency 1, >= 150 requests/s at 32 with batching and >= 3x the rate without, no
               error, nothing lost; with an index of >= 500k questions, ANN p95 < 60 ms at 1.
   gpu         on CUDA: the train and infer stages, plus model FLOPs utilization (6 x non-embedding
@@ -75,10 +78,10 @@ import reference
 from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable, padding_stats, shapes_of, to_device
 from hub import BUNDLED_MODEL
-from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kernels, bench_search, end_to_end,
-                     format_table, git_commit, encoder_agreement, kill_during_writes, load, machine_info,
-                     matmul_tflops, notebook_train, ours_train, peer_train, row, run_child, sync, synthesize,
-                     versions, writes_during_searches)
+from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kernels, bench_search, encoder_agreement,
+                     encoder_batching_gain, end_to_end, format_table, git_commit, kill_during_writes, load,
+                     machine_info, matmul_tflops, notebook_train, ours_train, peer_train, row, run_child, sync,
+                     synthesize, versions, writes_during_searches)
 from retrieval import Index
 from text import read_pairs
 
@@ -476,9 +479,12 @@ def stage_serve(ws, cfg, plan, rt):
         for c in (1, 8, 32):
             measure(f"search_exact_unbatched_c{c}", server, "/search", searches, c)
         measure("score_unbatched_c32", server, "/score", scores, 32)
-    if rt.device.type == "cpu":  # serve.py's CPU default, two encoder workers, against one
-        for name, flags in (("one_worker_batched", ["--workers", "1"]),
-                            ("one_worker_unbatched", ["--workers", "1", "--max_batch", "1"])):
+    if rt.device.type == "cpu":  # serve.py's CPU defaults: two encoder workers against one; calls of 8 on onnx
+        variants = [("one_worker_batched", ["--workers", "1"]),
+                    ("one_worker_unbatched", ["--workers", "1", "--max_batch", "1"])]
+        if runtime == "onnx":
+            variants.append(("one_call_per_batch", ["--batch_size", "64"]))
+        for name, flags in variants:
             log = os.path.join(ws.tmp, f"serve_{name}.log")
             with ServerProcess(index_dir, *flags, *device, log_path=log) as server:
                 load(server.url, "/search", searches[:50], 4, 50)
@@ -512,6 +518,11 @@ def stage_serve(ws, cfg, plan, rt):
     if "onnx" in (runtime, other):
         onnx = encoder_agreement(index_dir, rt, "onnx", n=500, seed=cfg.seed)
         print(f"  onnx vs torch: {onnx}", flush=True)
+    gains = []  # the encoder alone, as one CPU worker runs it: what batching can gain at most
+    if rt.device.type == "cpu":
+        for name in [r for r in (runtime, other) if r]:
+            gains.append(encoder_batching_gain(index_dir, rt, name, seed=cfg.seed))
+            print(f"  encoder alone, one thread: {gains[-1]}", flush=True)
     faults["kill_9_during_writes"] = kill_during_writes(index_dir, device, token, kill_after=200, log_dir=ws.tmp)
     print(f"  kill -9 during writes: {faults['kill_9_during_writes']}", flush=True)
 
@@ -519,6 +530,7 @@ def stage_serve(ws, cfg, plan, rt):
     one, ann1 = levels["search_exact_batched_c1"], levels["search_ann_batched_c1"]
     one_worker = levels.get("search_exact_one_worker_batched_c32", {}).get("requests_per_sec")
     one_at_a_time = levels.get("search_exact_one_worker_unbatched_c32", {}).get("requests_per_sec")
+    one_call = levels.get("search_exact_one_call_per_batch_c32", {}).get("requests_per_sec")
     errors = sum(r["errors"] for r in levels.values()) + faults["writes_during_searches"]["search_errors"] + \
         faults["writes_during_searches"]["write_errors"]
     lost = faults["writes_during_searches"]["lost"] + faults["kill_9_during_writes"]["lost"]
@@ -535,6 +547,8 @@ def stage_serve(ws, cfg, plan, rt):
                row("serve", "  requests/s at 32, batched: two encoder workers vs one", on["requests_per_sec"],
                    one_worker, on["requests_per_sec"] / one_worker)]
               if one_worker else []),
+            *([row("serve", "  requests/s at 32, batched: encoder calls of 8 vs one per batch (--batch_size 64)",
+                   on["requests_per_sec"], one_call, on["requests_per_sec"] / one_call)] if one_call else []),
             row("serve", "/search requests/s, concurrency 8: batched vs not", levels["search_exact_batched_c8"]
                 ["requests_per_sec"], levels["search_exact_unbatched_c8"]["requests_per_sec"],
                 levels["search_exact_batched_c8"]["requests_per_sec"] /
@@ -569,12 +583,14 @@ def stage_serve(ws, cfg, plan, rt):
                row("serve", f"  --int8 vs fp32 answers: top-1 / top-10 agreement ({agreement['questions']} queries)",
                    agreement["top1_agreement"], agreement["top10_overlap"], None)]
               if agreement and torch_level.format(1) in levels else []),
+            *[row("serve", f"encoder alone, one thread ({g['runtime']}): questions/s in batches of 32 vs one at a time",
+                  g["batches_of_32_per_sec"], g["one_at_a_time_per_sec"], g["gain"]) for g in gains],
             row("serve", "errors (every level and fault check)", errors, None, None, "0", errors == 0),
             row("serve", f"acknowledged questions lost ({cfg.serve_writes:,} writes during searches; kill -9)", lost,
                 None, None,
                 "0", lost == 0)]
     return {**built, "corpus": len(index), "runtime": runtime, "levels": levels, "batching_stats_after_loads": batching,
-            "int8_agreement": agreement, "onnx_agreement": onnx,
+            "int8_agreement": agreement, "onnx_agreement": onnx, "encoder_batching_gain": gains,
             "faults": faults, "requests_per_level": n, "ratio": on["requests_per_sec"] / off["requests_per_sec"],
             "rows": rows}
 

@@ -709,3 +709,33 @@ def encoder_agreement(index_dir, rt, variant="int8", n=500, seed=0):
         diff = np.abs(pa - out["fp32"]["probs"])
         result.update(probability_abs_diff_mean=float(diff.mean()), probability_abs_diff_max=float(diff.max()))
     return result
+
+
+def encoder_batching_gain(index_dir, rt, runtime="torch", n=256, batch=32, seed=0):
+    """What a question costs one of serve.py's CPU workers (one thread) alone and in a batch: n of
+    the index's questions embedded one call each, then `batch` to a call (cut into serve's encoder
+    calls: retrieval.encoder_batch_size), by the index's model on `runtime` (torch or onnx). The
+    ceiling of what dynamic batching can gain over a server whose workers take one request each."""
+    from retrieval import encoder_batch_size, load_index_model, use_onnx
+    index = Index(index_dir)
+    qe = load_index_model(index).to(rt.device)
+    texts = index.questions[1]
+    picks = np.random.default_rng(seed).choice(len(texts), min(n, len(texts)), replace=False)
+    texts = [texts[i] for i in picks]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if runtime == "onnx":
+            use_onnx(qe, 1)
+        inference = question_inference(qe, rt, encoder_batch_size(runtime))
+        embed_texts(qe, inference, texts[:batch], verbose=False)  # warm-up
+        rates = {}
+        for size in (1, batch):
+            t0 = time.perf_counter()
+            for i in range(0, len(texts), size):
+                embed_texts(qe, inference, texts[i:i + size], verbose=False)
+            rates[size] = len(texts) / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return {"runtime": runtime, "questions": len(texts), "one_at_a_time_per_sec": rates[1],
+            f"batches_of_{batch}_per_sec": rates[batch], "gain": rates[batch] / rates[1]}

@@ -50,6 +50,7 @@ class ModelConfig:
     hidden: int = 300              # head width (notebook: 300)
     dropout: float = 0.25          # head dropout (notebook: 0.25)
     freeze_encoder: bool = False   # notebook's "static BERT": train the head only
+    freeze_layers: int = 0         # the bottom layers kept as pretrained, the embeddings counted as the first
     symmetric: bool = False        # siamese: average the logits of (q1, q2) and (q2, q1)
     cosine_prior: float = 20.0     # siamese: initial scale of the cosine term (learnt); 0: off
     cosine_shift: float = 0.8      # siamese: initial cosine of even odds (learnt): the bundled
@@ -222,11 +223,33 @@ class PairModel(Encoder):
             k: v for k, v in enc_cfg.items() if not k.startswith("_") and k != "transformers_version"}})
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
+        for block in self.frozen_blocks():
+            block.requires_grad_(False)
+
+    def frozen_blocks(self):
+        """The modules freeze_layers keeps as pretrained: the embeddings, then transformer layers
+        from the bottom (BERT-like encoders: .embeddings and .encoder.layer; DistilBERT's
+        .transformer.layer)."""
+        if not self.cfg.freeze_layers:
+            return []
+        stack = getattr(getattr(self.encoder, "encoder", None), "layer", None) or \
+            getattr(getattr(self.encoder, "transformer", None), "layer", None)
+        if getattr(self.encoder, "embeddings", None) is None or stack is None:
+            raise UserError(f"freeze_layers {self.cfg.freeze_layers}: {type(self.encoder).__name__} has no "
+                            ".embeddings and .encoder.layer (BERT-like) to freeze", "drop --freeze_layers")
+        blocks = [self.encoder.embeddings, *stack]
+        if self.cfg.freeze_layers > len(blocks):
+            raise UserError(f"--freeze_layers {self.cfg.freeze_layers}: the encoder has {len(blocks)} (the "
+                            f"embeddings and {len(stack)} transformer layers)", "pass at most "
+                            f"{len(blocks)}, or --freeze_encoder")
+        return blocks[:self.cfg.freeze_layers]
 
     def train(self, mode=True):
         super().train(mode)
         if self.cfg.freeze_encoder:  # a frozen encoder also keeps its dropout off
             self.encoder.eval()
+        for block in self.frozen_blocks():  # so do frozen layers: what the trained ones see stays fixed
+            block.eval()
         return self
 
     def encoder_vectors(self, batch, n):

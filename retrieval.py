@@ -92,6 +92,16 @@ def embed_texts(qe, inference, texts, desc="embedding", verbose=True):
     return pooled[inverse.reshape(-1)]
 
 
+def encoder_batch_size(runtime, max_batch=64):
+    """serve.py's questions per encoder call: the exact layout sorts a batch by length before cutting
+    it into calls, so smaller calls pad less. On ONNX Runtime, calls of 8 serve 1.12x the requests/s
+    of one call per batch (bench.py's serve stage; served questions are 16 tokens on average, a
+    batch's longest 40); torch gained little in a microbenchmark (1.08x at best), so at least 64
+    there, that a request of many (a /score of 256 pairs) is not cut into calls of 1 when batching
+    across requests is off (max_batch 1)."""
+    return 8 if runtime == "onnx" else max(max_batch, 64)
+
+
 def quantize_int8(qe):
     """The encoder's linear layers in int8 (torch's dynamic quantization: weights int8 per output
     channel, activations quantized per batch), in place, CPU only; the classifier head stays fp32.

@@ -148,12 +148,7 @@ def build(cfg):
         retrieval.use_onnx(qe, threads)  # on the CPU, worker_threads gives >= 1
     # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
     # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
-    # The exact layout sorts a batch by length before cutting it into encoder calls, so smaller
-    # calls pad less: ONNX Runtime runs 8 at a time about 1.15x faster than 64 (served questions
-    # are 16 tokens on average, a batch's longest 40). torch gains nothing from it; there at least
-    # 64 questions, so that a request of many (a /score of 256 pairs) is not cut into calls of 1
-    # when batching across requests is off.
-    batch_size = cfg.batch_size or (8 if runtime == "onnx" else max(cfg.max_batch, 64))
+    batch_size = cfg.batch_size or retrieval.encoder_batch_size(runtime, cfg.max_batch)
     inference = retrieval.question_inference(qe, rt, batch_size, cfg.shapes, engine.resolve_compile(cfg.compile, rt))
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
@@ -200,7 +195,8 @@ def encoder_runtime(cfg, rt):
 def onnx_conflicts(cfg):
     """The flags ONNX Runtime cannot honour (it runs fp32, exact batches, uncompiled, not int8)."""
     flags = (("--int8", cfg.int8), (f"--precision {cfg.precision}", cfg.precision in ("bf16", "fp16")),
-             ("--shapes packed", cfg.shapes == "packed"), (f"--compile {cfg.compile}", cfg.compile not in ("auto", "off")))
+             ("--shapes packed", cfg.shapes == "packed"),
+             (f"--compile {cfg.compile}", cfg.compile not in ("auto", "off")))
     return [flag for flag, on in flags if on]
 
 

@@ -71,12 +71,13 @@ RESUME_MAY_CHANGE = {"out_dir", "data_dir", "resume", "epochs", "max_steps", "ev
                      "save_every_steps", "log_every_steps", "early_stopping_patience", "num_workers"}
 # Fields added after runs were first saved, with the value those runs had (as model.SAVED_BEFORE):
 # a run saved before --wise_alpha shipped its fine-tuned encoder as is.
-TRAIN_SAVED_BEFORE = {**SAVED_BEFORE, "wise_alpha": 1.0, "encoder_lr": 0.0}
+TRAIN_SAVED_BEFORE = {**SAVED_BEFORE, "wise_alpha": 1.0, "encoder_lr": 0.0, "freeze_layers": 0}
 # Every numeric flag's range ("[" and "]" include the end, "(" and ")" leave it out); check_config
 # refuses the rest, NaN included. The seed seeds numpy too, which takes 0 .. 2**32 - 1.
 RANGES = {name: interval(spec) for name, spec in {
           "hidden": "[1, inf)", "dropout": "[0, 1)", "cosine_prior": "[0, inf)", "cosine_shift": "[-1, 1]",
           "aux_weight": "(0, inf)", "mnrl_scale": "(0, inf)", "contrastive_margin": "(0, 2]",
+          "freeze_layers": "[0, inf)",
           "epochs": "[1, inf)", "batch_size": "[1, inf)", "grad_accum_steps": "[1, inf)", "max_steps": "[0, inf)",
           "lr": "(0, inf)", "encoder_lr": "[0, inf)", "weight_decay": "[0, inf)", "warmup_ratio": "[0, 1]",
           "clip": "(0, inf)",
@@ -103,6 +104,8 @@ class TrainConfig:
     hidden: int = arg(ModelConfig.hidden, "head width (the notebook: 300)")
     dropout: float = arg(ModelConfig.dropout, "head dropout (the notebook: 0.25)")
     freeze_encoder: bool = arg(ModelConfig.freeze_encoder, "the notebook's static BERT: train the head only")
+    freeze_layers: int = arg(ModelConfig.freeze_layers, "keep the bottom layers as pretrained, the embeddings "
+                             "counted as the first (1: the embeddings; 3: they and 2 transformer layers; 0: none)")
     symmetric: bool = arg(ModelConfig.symmetric, "siamese: average the logits of both question orders")
     cosine_prior: float = arg(ModelConfig.cosine_prior, "siamese: start from the encoder's cosine: add "
                               "scale * (cos(u, v) - shift) to the logit margin; initial scale, learnt (0: off)")
@@ -442,9 +445,10 @@ def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_ste
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_step = cfg.batch_size * rt.world * cfg.grad_accum_steps
+    frozen = "all" if cfg.freeze_encoder else f"the bottom {cfg.freeze_layers} layers" if cfg.freeze_layers else "none"
     return "\n".join([
         f"encoder {cfg.encoder} ({cfg.arch}, {cfg.pooling} pooling, {cfg.features} features, "
-        f"frozen={cfg.freeze_encoder}) | parameters {n_params:,} ({n_trainable:,} trainable)",
+        f"frozen={frozen}) | parameters {n_params:,} ({n_trainable:,} trainable)",
         f"pairs: train {n_train:,}{' (training split + mined, from ' + cfg.teacher_file + ')' if cfg.teacher_file else ''}"
         f" | validation {n_val:,} (split '{manifest['split_policy']}', {cfg.data_dir})",
         f"objective {cfg.loss}" + (f" (aux weight {cfg.aux_weight})" if "+" in cfg.loss else "")

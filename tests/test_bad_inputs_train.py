@@ -134,6 +134,7 @@ BAD_VALUES = [  # (flag, a value out of its range, what the error says)
     ("wise_alpha", "1.5", "--wise_alpha 1.5: out of range, must be in [0, 1]"),
     ("wise_alpha", "-0.1", "must be in [0, 1]"),
     ("encoder_lr", "-0.00002", "--encoder_lr -2e-05: out of range, must be 0 or more"),
+    ("freeze_layers", "-1", "--freeze_layers -1: out of range, must be 0 or more"),
     ("hidden", "-5", "--hidden -5: out of range, must be at least 1"),
     ("hidden", "0", "--hidden 0: out of range, must be at least 1"),
     ("dropout", "1", "--dropout 1.0: out of range, must be in [0, 1)"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import engine
+from cli import UserError
 from conftest import TINY_BERT, TINY_DISTILBERT
 from data import Collator, PairDataset
 from model import (ModelConfig, build_model, encode, interpolated, load_checkpoint, model_from_checkpoint,
@@ -123,6 +124,32 @@ def test_frozen_encoder_gets_no_updates(tiny_data):
     assert all(p.grad is None for p in model.encoder.parameters())
     assert_same_weights(before, model.encoder.state_dict())
     assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
+
+
+def test_freeze_layers_keeps_the_bottom_layers_and_trains_the_rest(tiny_data):
+    """freeze_layers 2: the embeddings and the first transformer layer keep their weights (and
+    their dropout off), the layers above and the head move; more than the encoder has is refused."""
+    model = build_model(ModelConfig(encoder_config=TINY_BERT, freeze_layers=2))
+    frozen = {k: v.clone() for k, v in model.encoder.state_dict().items()
+              if k.startswith(("embeddings.", "encoder.layer.0."))}
+    others = {k: v.clone() for k, v in model.encoder.state_dict().items() if k.startswith("encoder.layer.1.")}
+    assert frozen and others
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = first_batch(tiny_data, "siamese")
+    model.train()
+    assert not model.encoder.embeddings.training and not model.encoder.encoder.layer[0].training
+    assert model.encoder.encoder.layer[1].training
+    for _ in range(3):
+        loss = pair_loss(model(batch), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = model.encoder.state_dict()
+    assert_same_weights(frozen, {k: state[k] for k in frozen})
+    assert any(not torch.equal(v, state[k]) for k, v in others.items())
+    n_layers = len(model.encoder.encoder.layer)
+    with pytest.raises(UserError, match=f"has {n_layers + 1}"):
+        build_model(ModelConfig(encoder_config=TINY_BERT, freeze_layers=n_layers + 2))
 
 
 def test_interpolated_mixes_weights_in_place_and_gives_them_back():

@@ -593,7 +593,11 @@ def test_bench_serve_stage_runs_and_reports_its_rows(built, tmp_path):
     assert {"search_exact_one_worker_batched_c32", "search_exact_one_worker_unbatched_c32"} <= set(stage["levels"])
     if importlib.util.find_spec("onnxruntime") is not None:  # ONNX Runtime: the same vectors, so the same answers
         assert stage["runtime"] == "onnx"  # auto, on a CPU
+        assert "search_exact_one_call_per_batch_c32" in stage["levels"]
         assert {"search_exact_batched_torch_c32", "search_exact_unbatched_torch_c32"} <= set(stage["levels"])
+        assert [g["runtime"] for g in stage["encoder_batching_gain"]] == ["onnx", "torch"]
+        gains = stage["encoder_batching_gain"]
+        assert all(g["one_at_a_time_per_sec"] > 0 and g["batches_of_32_per_sec"] > 0 for g in gains)
         assert stage["onnx_agreement"]["cosine_fp32_vs_onnx_min"] > 0.99999
         assert stage["onnx_agreement"]["top10_overlap"] == 1.0
 

@@ -60,3 +60,20 @@ done
 # The frozen encoder with the cosine prior (the head alone; search is the untuned encoder's), seed 0.
 /usr/bin/time -v nice -n 10 python train.py $B --seed 0 --freeze_encoder --epochs 4 --lr 1e-3 --out_dir $W/runs/frozen_s0
 python tools/recipe_study.py --data_dir $D --checkpoints $W/runs/frozen_s0/ckpt.pt --alphas 1 --out $W/study/frozen_s0.jsonl
+
+# 5. Added 2026-12-01 (second session): frozen bottom layers (train.py --freeze_layers K: the
+#    embeddings counted as the first layer), at weight 1, mixed at 0.75 afterwards. Seed 0 as a screen
+#    for K = 1, 3, 5; K = 1 (the embeddings only) then on seeds 1 and 2.
+for K in 1 3 5; do
+  /usr/bin/time -v nice -n 10 python train.py $B --seed 0 --wise_alpha 1 --freeze_layers $K --out_dir $W/runs/fl${K}_s0
+  python tools/recipe_study.py --data_dir $D --checkpoints $W/runs/fl${K}_s0/ckpt.pt --alphas 1 0.75 \
+      --out $W/study/fl${K}_s0.jsonl
+done
+for S in 1 2; do
+  /usr/bin/time -v nice -n 10 python train.py $B --seed $S --wise_alpha 1 --freeze_layers 1 --out_dir $W/runs/fl1_s$S
+  python tools/recipe_study.py --data_dir $D --checkpoints $W/runs/fl1_s$S/ckpt.pt --alphas 1 0.75 \
+      --out $W/study/fl1_s$S.jsonl
+done
+# The untuned encoder's cosine beside each checkpoint's classifier logit (weight 1), as a logistic
+# stack: 5-fold out-of-fold on validation, and fitted on the training split.
+python tools/stack_untuned_cosine.py --data_dir $D --checkpoints $W/runs/def_s{0,1,2}/ckpt.pt $W/runs/mnrl_s{0,1,2}/ckpt.pt
