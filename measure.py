@@ -672,7 +672,7 @@ def kill_during_writes(index_dir, flags, token, kill_after=200, tag="k", log_dir
 
 
 def encoder_agreement(index_dir, rt, variant="int8", n=500, seed=0):
-    """How much serve.py --int8 (or --onnx) changes the answers: n of the index's questions
+    """How much serve.py --int8 (or --runtime onnx) changes the answers: n of the index's questions
     embedded by the index's model in torch fp32, then with its encoder quantized
     (retrieval.quantize_int8) or run by ONNX Runtime (retrieval.use_onnx): the cosine of each
     question's two vectors, top-1 and top-10 agreement of exact search over the index, and the

@@ -16,7 +16,8 @@ Both are Encoders: Encoder.vectors turns any collated batch, exact or packed, in
 sequence, and every path to vectors, logits, probabilities and cosines goes through it.
 load_question_encoder gives the vectors of question texts (a siamese checkpoint's, or an untuned
 encoder's) with what an index records about them. OnnxEncoder stands in for an HF encoder with
-ONNX Runtime running its forward (serve.py --onnx); interpolated() mixes weights (WiSE-FT).
+ONNX Runtime running its forward (serve.py --runtime onnx, its CPU default); interpolated() mixes
+weights (WiSE-FT).
 
 Nothing runs at import: build_model(ModelConfig) builds, load_model() rebuilds from a checkpoint.
 """
@@ -235,8 +236,8 @@ class PairModel(Encoder):
         stack = getattr(getattr(self.encoder, "encoder", None), "layer", None) or \
             getattr(getattr(self.encoder, "transformer", None), "layer", None)
         if getattr(self.encoder, "embeddings", None) is None or stack is None:
-            raise UserError(f"freeze_layers {self.cfg.freeze_layers}: {type(self.encoder).__name__} has no "
-                            ".embeddings and .encoder.layer (BERT-like) to freeze", "drop --freeze_layers")
+            raise UserError(f"--freeze_layers {self.cfg.freeze_layers}: {type(self.encoder).__name__} has no "
+                            ".embeddings and .encoder.layer (BERT-like) to freeze", "pass --freeze_layers 0")
         blocks = [self.encoder.embeddings, *stack]
         if self.cfg.freeze_layers > len(blocks):
             raise UserError(f"--freeze_layers {self.cfg.freeze_layers}: the encoder has {len(blocks)} (the "

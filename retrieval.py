@@ -5,7 +5,7 @@ asked that a new question duplicates.
   the folder is row i of the index), or any file text.read_question_file reads.
 - question_inference / embed_texts: question texts -> vectors of a model.QuestionEncoder, through
   the one inference road (engine.Inference), each distinct text once; quantize_int8 and use_onnx
-  (model.OnnxEncoder) swap the encoder for serve.py's --int8 and --onnx.
+  (model.OnnxEncoder) swap the encoder for serve.py's --int8 and --runtime onnx.
 - The index folder, written at once by data.write_data_dir (temp folder, then one rename):
       vectors.npy      (N, H) float16  L2-normalized question vectors, memory-mapped when read
       norms.npy        (N,)   float32  their norms before normalizing: the classifier head was

@@ -104,8 +104,9 @@ class TrainConfig:
     hidden: int = arg(ModelConfig.hidden, "head width (the notebook: 300)")
     dropout: float = arg(ModelConfig.dropout, "head dropout (the notebook: 0.25)")
     freeze_encoder: bool = arg(ModelConfig.freeze_encoder, "the notebook's static BERT: train the head only")
-    freeze_layers: int = arg(ModelConfig.freeze_layers, "keep the bottom layers as pretrained, the embeddings "
-                             "counted as the first (1: the embeddings; 3: they and 2 transformer layers; 0: none)")
+    freeze_layers: int = arg(1, "keep the bottom layers as pretrained, the embeddings counted as the first (1: "
+                                "the embeddings, a better classifier at the same search: docs/recipe_2026-11-30.md; "
+                                "3: they and 2 transformer layers; 0: none)")
     symmetric: bool = arg(ModelConfig.symmetric, "siamese: average the logits of both question orders")
     cosine_prior: float = arg(ModelConfig.cosine_prior, "siamese: start from the encoder's cosine: add "
                               "scale * (cos(u, v) - shift) to the logit margin; initial scale, learnt (0: off)")
@@ -445,7 +446,8 @@ def summary(cfg, rt, model, manifest, n_train, n_val, steps_per_epoch, total_ste
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_step = cfg.batch_size * rt.world * cfg.grad_accum_steps
-    frozen = "all" if cfg.freeze_encoder else f"the bottom {cfg.freeze_layers} layers" if cfg.freeze_layers else "none"
+    frozen = "all" if cfg.freeze_encoder else "none" if not cfg.freeze_layers else "the embeddings" + (
+        f" and {cfg.freeze_layers - 1} layers" if cfg.freeze_layers > 1 else "")
     return "\n".join([
         f"encoder {cfg.encoder} ({cfg.arch}, {cfg.pooling} pooling, {cfg.features} features, "
         f"frozen={frozen}) | parameters {n_params:,} ({n_trainable:,} trainable)",
