@@ -496,7 +496,8 @@ def stage_serve(ws, cfg, plan, rt):
     # The other encoder runtime against serve.py's default (auto: ONNX Runtime on a CPU where it is
     # installed, torch elsewhere), and --int8 (torch's) against torch fp32.
     other = {"onnx": "torch", "torch": "onnx"}[runtime]
-    if other == "onnx" and (rt.device.type != "cpu" or importlib.util.find_spec("onnxruntime") is None):
+    if other == "onnx" and (rt.device.type != "cpu" or
+                            any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime"))):
         other = None
     if other:
         for name, flags in (("batched", []), ("unbatched", ["--max_batch", "1"])):
