@@ -586,8 +586,8 @@ def stage_serve(ws, cfg, plan, rt):
                row("serve", f"  --int8 vs fp32 answers: top-1 / top-10 agreement ({agreement['questions']} queries)",
                    agreement["top1_agreement"], agreement["top10_overlap"], None)]
               if agreement and torch_level.format(1) in levels else []),
-            *[row("serve", f"encoder alone, one thread ({g['runtime']}): questions/s in batches of 32 vs one at a time",
-                  g["batches_of_32_per_sec"], g["one_at_a_time_per_sec"], g["gain"]) for g in gains],
+            *[row("serve", f"encoder alone, one thread ({g['runtime']}): questions/s in batches of {g['batch']} vs one "
+                  "at a time", g["batched_per_sec"], g["one_at_a_time_per_sec"], g["gain"]) for g in gains],
             row("serve", "errors (every level and fault check)", errors, None, None, "0", errors == 0),
             row("serve", f"acknowledged questions lost ({cfg.serve_writes:,} writes during searches; kill -9)", lost,
                 None, None,

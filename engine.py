@@ -45,6 +45,8 @@ class Recipe:
     weight_decay: float = 0.0     # AdamW's; 0 is the notebook's Adam
     warmup_ratio: float = 0.06    # share of steps with linear warmup from 0, then linear decay to 0
     clip: float = 1.0             # max gradient norm
+    freeze_layers: int = 1        # bottom blocks kept as pretrained, the embeddings the first (model.ModelConfig's
+                                  # field; its default stays 0, what checkpoints saved without it had)
 
 
 @dataclass

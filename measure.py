@@ -173,7 +173,7 @@ class Workspace:
 
     def __init__(self, cfg, plan, rt, tmp):
         self.cfg, self.plan, self.rt, self.tmp = cfg, plan, rt, tmp
-        self.recipe = engine.Recipe()  # ours runs train.py's defaults: this recipe, ModelConfig(),
+        self.recipe = engine.Recipe()  # ours runs train.py's defaults: this recipe (its frozen layers too),
         self.packed = engine.batch_layout(rt)  # and this device's batch layout
         self.layout = ModelConfig.arch
 
@@ -208,17 +208,18 @@ class Workspace:
     @cached_property
     def models(self):
         """{ours, notebook, peer}, the same encoder weights in all. Ours is built as train.py
-        builds it with its default settings (head, pooling, features)."""
+        builds it with its default settings (head, pooling, features, the embeddings frozen)."""
         torch.manual_seed(self.cfg.seed)
         if self.plan.encoder == DISTILBERT_CONFIG:
             from transformers import DistilBertConfig
             hf = {k: v for k, v in DistilBertConfig().to_dict().items()
                   if not k.startswith("_") and k != "transformers_version"}
-            ours = build_model(ModelConfig(encoder_config=hf))
+            ours = build_model(ModelConfig(encoder_config=hf, freeze_layers=self.recipe.freeze_layers))
         else:
-            ours = build_model(ModelConfig(encoder=self.plan.encoder))
-        notebook = reference.NotebookModel(copy.deepcopy(ours.encoder), self.rt.device)
-        peer = reference.PeerModel(copy.deepcopy(ours.encoder), copy.deepcopy(ours.head))
+            ours = build_model(ModelConfig(encoder=self.plan.encoder, freeze_layers=self.recipe.freeze_layers))
+        # The notebook and the peer train every encoder weight: their copies unfrozen.
+        notebook = reference.NotebookModel(copy.deepcopy(ours.encoder).requires_grad_(True), self.rt.device)
+        peer = reference.PeerModel(copy.deepcopy(ours.encoder).requires_grad_(True), copy.deepcopy(ours.head))
         return {k: m.to(self.rt.device) for k, m in (("ours", ours), ("notebook", notebook), ("peer", peer))}
 
     def sample(self, n, salt):
@@ -737,5 +738,5 @@ def encoder_batching_gain(index_dir, rt, runtime="torch", n=256, batch=32, seed=
             rates[size] = len(texts) / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
-    return {"runtime": runtime, "questions": len(texts), "one_at_a_time_per_sec": rates[1],
-            f"batches_of_{batch}_per_sec": rates[batch], "gain": rates[batch] / rates[1]}
+    return {"runtime": runtime, "questions": len(texts), "one_at_a_time_per_sec": rates[1], "batch": batch,
+            "batched_per_sec": rates[batch], "gain": rates[batch] / rates[1]}

@@ -231,13 +231,14 @@ class PairModel(Encoder):
         """The modules freeze_layers keeps as pretrained: the embeddings, then transformer layers
         from the bottom (BERT-like encoders: .embeddings and .encoder.layer; DistilBERT's
         .transformer.layer)."""
-        if not self.cfg.freeze_layers:
+        if not self.cfg.freeze_layers or self.cfg.freeze_encoder:  # the whole encoder frozen: nothing to pick
             return []
         stack = getattr(getattr(self.encoder, "encoder", None), "layer", None) or \
             getattr(getattr(self.encoder, "transformer", None), "layer", None)
         if getattr(self.encoder, "embeddings", None) is None or stack is None:
-            raise UserError(f"--freeze_layers {self.cfg.freeze_layers}: {type(self.encoder).__name__} has no "
-                            ".embeddings and .encoder.layer (BERT-like) to freeze", "pass --freeze_layers 0")
+            raise UserError(f"--freeze_layers {self.cfg.freeze_layers} (train.py's default is 1): "
+                            f"{type(self.encoder).__name__} has no .embeddings with .encoder.layer (BERT-like) or "
+                            ".transformer.layer (DistilBERT-like) to freeze", "pass --freeze_layers 0")
         blocks = [self.encoder.embeddings, *stack]
         if self.cfg.freeze_layers > len(blocks):
             raise UserError(f"--freeze_layers {self.cfg.freeze_layers}: the encoder has {len(blocks)} (the "

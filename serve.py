@@ -21,8 +21,9 @@ sees the others' additions at its next request); `python index.py --fold --out_d
 them into the folder. Concurrent requests are embedded together (--max_batch questions, waiting at
 most --max_wait_ms for more; --max_batch 1: one at a time) through the inference road of every
 other script, in worker threads beside the event loop (--workers: on a CPU two, each encoding its
-own batch; searches and commits one at a time). On a CPU the encoder runs on ONNX Runtime where it
-is installed (--runtime: the same vectors to 1e-5, faster than torch; bench.py's serve stage).
+own batch; searches and commits one at a time). On a CPU the encoder runs on ONNX Runtime where
+onnx and onnxruntime are installed (--runtime: the same vectors to 1e-5, faster than torch;
+bench.py's serve stage).
 
 Safety: binds 127.0.0.1 unless --host says otherwise; adding questions needs the bearer token
 (--token, or the QQP_SERVE_TOKEN environment variable, which `ps` does not show), and is off
@@ -79,7 +80,7 @@ class ServeConfig:
                                                     "fp32, exported at start: the same vectors to 1e-5, faster: "
                                                     "bench.py's serve stage) or torch; auto: onnx where it can run "
                                                     "(a CPU, fp32, exact batches, no --int8 or --compile, "
-                                                    "onnxruntime installed), else torch")
+                                                    "onnx and onnxruntime installed), else torch")
     int8: bool = arg(False, "CPU: the encoder's linear layers in int8 (faster; query vectors differ slightly "
                             "from the index's fp32 ones: bench.py's serve stage measures by how much)")
     nprobe: int = arg(0, "IVF lists probed with --ann (0: the one calibrated when the index was built)")
@@ -92,9 +93,9 @@ class ServeConfig:
     threads: int = arg(0, "CPU: torch threads each worker's encoder uses (0: the cores shared out among the "
                           "workers)")
     max_batch: int = arg(64, "questions embedded together at most (dynamic batching; 1: off)")
-    batch_size: int = arg(0, "questions per encoder call: a batch is sorted by length and cut into calls of at "
-                             "most this many, each padded to its own longest (0: auto: 8 with onnx, where short "
-                             "calls run faster; 64 with torch)")
+    batch_size: int = arg(0, "questions per encoder call: an exact-layout batch is sorted by length and cut into "
+                             "calls of at most this many, each padded to its own longest (0: auto: 8 with onnx, "
+                             "where short calls run faster; max(--max_batch, 64) with torch)")
     max_wait_ms: float = arg(2.0, "after the first request of a batch, wait at most this long for more")
     rerank_depth: int = arg(50, "candidates a search with rerank re-scores")
     max_body_bytes: int = arg(service.Limits.max_body_bytes, "request body limit (413 over it)")
@@ -181,15 +182,20 @@ def worker_threads(cfg, rt):
 
 def encoder_runtime(cfg, rt):
     """torch or onnx, as --runtime says (onnx refused off the CPU); auto: onnx where it runs the
-    same model (fp32 on a CPU, exact batches, uncompiled, not int8) and onnxruntime is installed."""
+    same model (fp32 on a CPU, exact batches, uncompiled, not int8) and onnx and onnxruntime are
+    installed. (--device auto resolves to a GPU only here, after check_config.)"""
     if cfg.runtime == "onnx" and rt.device.type != "cpu":
         raise UserError(f"--runtime onnx on {rt.device}: it runs the encoder on the CPU", "drop --runtime (a GPU "
                         "serves in bf16 with torch), or pass --device cpu")
     if cfg.runtime != "auto":
         return cfg.runtime
     same_model = rt.device.type == "cpu" and rt.precision == "fp32" and not onnx_conflicts(cfg)
-    installed = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-    return "onnx" if same_model and installed else "torch"
+    return "onnx" if same_model and not onnx_missing() else "torch"
+
+
+def onnx_missing():
+    """The packages --runtime onnx needs (torch.onnx.export writes with onnx) that are not installed."""
+    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
 
 
 def onnx_conflicts(cfg):
@@ -209,6 +215,12 @@ def check_config(cfg, token):
     if cfg.runtime == "onnx" and onnx_conflicts(cfg):
         raise UserError(f"--runtime onnx with {' '.join(onnx_conflicts(cfg))}: ONNX Runtime runs the encoder in "
                         "fp32, in exact batches, uncompiled", f"drop {onnx_conflicts(cfg)[0]}, or pass --runtime torch")
+    if cfg.runtime == "onnx" and cfg.device.split(":")[0] in ("cuda", "mps"):
+        raise UserError(f"--runtime onnx with --device {cfg.device}: it runs the encoder on the CPU",
+                        "drop --runtime (a GPU serves in bf16 with torch), or pass --device cpu")
+    if cfg.runtime == "onnx" and onnx_missing():
+        raise UserError(f"--runtime onnx: {' and '.join(onnx_missing())} not installed",
+                        f"pip install {' '.join(onnx_missing())}, or pass --runtime torch")
     if cfg.nprobe and not cfg.ann:
         raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
     if not is_loopback(cfg.host) and not token:

@@ -104,7 +104,7 @@ class TrainConfig:
     hidden: int = arg(ModelConfig.hidden, "head width (the notebook: 300)")
     dropout: float = arg(ModelConfig.dropout, "head dropout (the notebook: 0.25)")
     freeze_encoder: bool = arg(ModelConfig.freeze_encoder, "the notebook's static BERT: train the head only")
-    freeze_layers: int = arg(1, "keep the bottom layers as pretrained, the embeddings counted as the first (1: "
+    freeze_layers: int = arg(engine.Recipe.freeze_layers, "keep the bottom layers as pretrained, the embeddings counted as the first (1: "
                                 "the embeddings, a better classifier at the same search: docs/recipe_2026-11-30.md; "
                                 "3: they and 2 transformer layers; 0: none)")
     symmetric: bool = arg(ModelConfig.symmetric, "siamese: average the logits of both question orders")
@@ -410,7 +410,8 @@ def start_or_resume(cfg, given, rt, say):
         raise UserError(f"--resume: {last_path} does not exist", "run without --resume to start, or "
                         "pass the --out_dir of the run to continue")
     state = load_checkpoint(last_path)
-    saved = state["train_config"]
+    # A field the run was saved without had the value TRAIN_SAVED_BEFORE names: compare with that.
+    saved = {**TRAIN_SAVED_BEFORE, **state["train_config"]}
     refused = sorted(k for k in given if k not in RESUME_MAY_CHANGE and k in saved and getattr(cfg, k) != saved[k])
     if refused:
         raise UserError("--resume: " + ", ".join(f"--{k} {getattr(cfg, k)} differs from the saved run's "
@@ -418,7 +419,7 @@ def start_or_resume(cfg, given, rt, say):
                         "drop these flags to continue the saved run, or start a new run in another --out_dir")
     applied = sorted(k for k in given if k in RESUME_MAY_CHANGE and k != "resume" and k in saved
                      and getattr(cfg, k) != saved[k])
-    resumed = TrainConfig(**{**TRAIN_SAVED_BEFORE, **saved, **{k: getattr(cfg, k) for k in applied},
+    resumed = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in applied},
                              "out_dir": cfg.out_dir, "resume": True})
     say(f"resuming {last_path} at step {state['step']} (its saved config"
         + (", with " + ", ".join(f"--{k} {getattr(cfg, k)} (was {saved[k]})" for k in applied) if applied else "")

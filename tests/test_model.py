@@ -150,6 +150,9 @@ def test_freeze_layers_keeps_the_bottom_layers_and_trains_the_rest(tiny_data):
     n_layers = len(model.encoder.encoder.layer)
     with pytest.raises(UserError, match=f"has {n_layers + 1}"):
         build_model(ModelConfig(encoder_config=TINY_BERT, freeze_layers=n_layers + 2))
+    # With the whole encoder frozen, freeze_layers (train.py's default 1) picks nothing: never refused.
+    whole = build_model(ModelConfig(encoder_config=TINY_BERT, freeze_encoder=True, freeze_layers=n_layers + 2))
+    assert whole.frozen_blocks() == [] and not any(p.requires_grad for p in whole.encoder.parameters())
 
 
 def test_interpolated_mixes_weights_in_place_and_gives_them_back():

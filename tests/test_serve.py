@@ -2,7 +2,6 @@
 test client (answers, the one scoring road, dynamic batching, every bad input and the answer it
 must get), then real server processes: kill -9 in the middle of writes, two servers on one
 database, index.py --fold, refusals at start, and the web page in a real headless browser."""
-import importlib.util
 import json
 import os
 import shutil
@@ -527,7 +526,8 @@ def test_onnx_encoder_answers_as_torch(fresh_index, built, capsys):
     """serve.py --runtime onnx: the encoder run by ONNX Runtime gives the same searches, cosines and
     probabilities as torch's (fp32, to 1e-5); auto picks it on a CPU unless a flag needs torch; it
     refuses what it cannot run."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime onnx)")
+    if serve.onnx_missing():
+        pytest.skip(f"{' and '.join(serve.onnx_missing())} not installed (pip install onnx onnxruntime)")
     texts = index_questions(built["index"])[1][:6]
     pairs = [[texts[0], texts[1]], [texts[2], "How do I bake bread at home?"]]
     answers = {}
@@ -551,17 +551,33 @@ def test_onnx_encoder_answers_as_torch(fresh_index, built, capsys):
     for flags in (["--int8"], ["--shapes", "packed"], ["--precision", "bf16"]):
         err = run_bad(serve.main, [fresh_index, "--runtime", "onnx", *flags], capsys)
         assert "ONNX Runtime runs the encoder in fp32" in err and f"drop {flags[0]}" in err
+    err = run_bad(serve.main, [fresh_index, "--runtime", "onnx", "--device", "cuda"], capsys)  # before any load
+    assert "--runtime onnx with --device cuda: it runs the encoder on the CPU" in err
 
 
-def test_encoder_batch_size_cuts_a_batch_into_calls_with_the_same_answers(fresh_index, built):
+def test_runtime_onnx_without_its_packages_is_refused_in_one_line(fresh_index, capsys, monkeypatch):
+    monkeypatch.setattr(serve, "onnx_missing", lambda: ["onnxruntime"])
+    err = run_bad(serve.main, [fresh_index, "--runtime", "onnx"], capsys)
+    assert "--runtime onnx: onnxruntime not installed" in err and "pip install onnxruntime" in err
+    assert serve.encoder_runtime(serve.ServeConfig(index=fresh_index), engine.setup_runtime("cpu")) == "torch"
+
+
+def test_encoder_batch_size_cuts_a_batch_into_calls_with_the_same_answers(fresh_index, built, monkeypatch):
     """--batch_size 2: a gathered batch is encoded two questions a call (sorted by length), and
     the answers are those of one call for all (padding changes nothing beyond float noise)."""
+    from model import Encoder
+    calls = []  # questions per encoder call
+    own = Encoder.question_vectors
+    monkeypatch.setattr(Encoder, "question_vectors", lambda self, batch: calls.append(len(batch["index"])) or
+                        own(self, batch))
     texts = index_questions(built["index"])[1][:12]
     answers = []
     for batch_size in (2, 64):
         with make_client(fresh_index, runtime="torch", batch_size=batch_size) as c:
             assert c.get("/stats").json()["encoder_batch_size"] == batch_size
+            calls.clear()
             answers.append(c.post("/score", json={"pairs": [[a, b] for a, b in zip(texts, texts[::-1])]}).json())
+            assert max(calls) == 2 if batch_size == 2 else max(calls) > 2  # the 12 distinct questions
     np.testing.assert_allclose([r["probability"] for r in answers[0]["results"]],
                                [r["probability"] for r in answers[1]["results"]], atol=1e-5)
 
@@ -591,13 +607,13 @@ def test_bench_serve_stage_runs_and_reports_its_rows(built, tmp_path):
     assert rows["errors (every level and fault check)"]["pass"] is True
     assert stage["int8_agreement"]["questions"] > 0
     assert {"search_exact_one_worker_batched_c32", "search_exact_one_worker_unbatched_c32"} <= set(stage["levels"])
-    if importlib.util.find_spec("onnxruntime") is not None:  # ONNX Runtime: the same vectors, so the same answers
+    if not serve.onnx_missing():  # ONNX Runtime: the same vectors, so the same answers
         assert stage["runtime"] == "onnx"  # auto, on a CPU
         assert "search_exact_one_call_per_batch_c32" in stage["levels"]
         assert {"search_exact_batched_torch_c32", "search_exact_unbatched_torch_c32"} <= set(stage["levels"])
         assert [g["runtime"] for g in stage["encoder_batching_gain"]] == ["onnx", "torch"]
         gains = stage["encoder_batching_gain"]
-        assert all(g["one_at_a_time_per_sec"] > 0 and g["batches_of_32_per_sec"] > 0 for g in gains)
+        assert all(g["one_at_a_time_per_sec"] > 0 and g["batched_per_sec"] > 0 for g in gains)
         assert stage["onnx_agreement"]["cosine_fp32_vs_onnx_min"] > 0.99999
         assert stage["onnx_agreement"]["top10_overlap"] == 1.0
 

@@ -280,6 +280,9 @@ def test_a_run_saved_before_the_cosine_prior_resumes_without_one(tmp_path, tiny_
     del state["train_config"]["wise_alpha"]  # older still: it shipped its fine-tuned encoder as is
     del state["train_config"]["encoder_lr"]  # and trained the encoder at --lr
     torch.save(state, path)
+    # A flag the old run had no field for is compared with the value it had, not let through.
+    code, _, err = train_here(["--out_dir", out, "--resume", "--epochs", "2", "--encoder_lr", "1e-5"], capsys)
+    assert code == 2 and "--encoder_lr 1e-05 differs from the saved run's 0.0" in err
     code, out_text, err = train_here(["--out_dir", out, "--resume", "--epochs", "2"], capsys)
     assert code == 0, err[-2000:]
     saved = load_checkpoint(path)["train_config"]

@@ -272,7 +272,7 @@ def part_data(st, result):
               if not k.startswith("_") and k != "transformers_version"}
     else:
         hf = TINY_DISTILBERT
-    st.raw = build_model(ModelConfig(encoder_config=hf)).to(rt.device)
+    st.raw = build_model(ModelConfig(encoder_config=hf, freeze_layers=engine.Recipe.freeze_layers)).to(rt.device)
     result["params"] = sum(p.numel() for p in st.raw.parameters())
 
 

@@ -49,6 +49,8 @@ class StudyConfig:
                             "epochs over the training pairs' cached vectors (0: off)")
     refit_lr: float = arg(1e-3, "the re-fit's AdamW learning rate")
     rerank: bool = arg(False, "also search.py --rerank's metrics: the classifier re-orders the top 50")
+    mix_untuned: List[float] = arg([], "also search by w * the untuned encoder's cosine + (1 - w) * this "
+                                       "model's, for each w here (both vectors, concatenated)")
 
 
 def main(argv=None):
@@ -70,9 +72,11 @@ def study(cfg):
         soup.module.load_state_dict({k: sum(s[k] for s in states) / len(states) if v.is_floating_point() else v
                                      for k, v in states[0].items()})
         models.append(("soup of " + ", ".join(cfg.checkpoints), soup))
-    if cfg.untuned:
+    cfg.untuned_unit = None
+    if cfg.untuned or cfg.mix_untuned:
         name = qes[0].module.cfg.encoder if qes else ModelConfig.encoder
-        score(cfg, rt, texts, pairs, f"untuned {name}", load_question_encoder(encoder=name), None)
+        cfg.untuned_unit = score(cfg, rt, texts, pairs, f"untuned {name}", load_question_encoder(encoder=name),
+                                 None)["unit"]
     for name, qe in models:
         pretrained = pretrained_weights(load_encoder(ModelConfig(encoder=qe.module.cfg.encoder)))
         for alpha in cfg.alphas:
@@ -161,6 +165,11 @@ def score(cfg, rt, texts, pairs, name, qe, alpha):
     pooled = retrieval.embed_texts(qe, inference, texts, verbose=False)  # (N, H): every folder question
     unit, _ = retrieval.unit(pooled)
     record["retrieval"], _ = folder_benchmark(unit, cfg.data_dir, cfg.split)
+    if qe.classifier is not None and cfg.untuned_unit is not None:
+        for w in cfg.mix_untuned:  # [sqrt(w) u, sqrt(1 - w) t] . [sqrt(w) u', sqrt(1 - w) t'] = the mixed cosine
+            mixed = np.concatenate([np.sqrt(w) * cfg.untuned_unit, np.sqrt(1 - w) * unit], axis=1)
+            record.setdefault("retrieval_mix_untuned", {})[str(w)] = folder_benchmark(mixed, cfg.data_dir,
+                                                                                      cfg.split)[0]
     if qe.classifier is not None and cfg.rerank:
         record["retrieval_rerank"] = rerank_benchmark(cfg, rt, qe.classifier, pooled, unit)
     if qe.classifier is not None and cfg.refit_epochs:
@@ -173,8 +182,10 @@ def score(cfg, rt, texts, pairs, name, qe, alpha):
           + f"nDCG@10 {record['retrieval']['ndcg@10']:.4f} R@1 {record['retrieval']['recall@1']:.4f} "
           f"({record['seconds']:.0f} s)"
           + (f" | rerank R@1 {rr['recall@1']:.4f} nDCG@10 {rr['ndcg@10']:.4f}" if rr else "")
-          + (f" | refit acc {refit['accuracy']:.4f} AP {refit['average_precision']:.4f}" if refit else ""), flush=True)
-    return record
+          + (f" | refit acc {refit['accuracy']:.4f} AP {refit['average_precision']:.4f}" if refit else "")
+          + "".join(f" | mix {w}: nDCG@10 {m['ndcg@10']:.4f} R@1 {m['recall@1']:.4f}"
+                    for w, m in record.get("retrieval_mix_untuned", {}).items()), flush=True)
+    return {**record, "unit": unit}
 
 
 if __name__ == "__main__":
