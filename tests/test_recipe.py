@@ -45,3 +45,20 @@ def test_recipe_study_scores_the_classifier_as_evaluate_does(tmp_path, tiny_data
     load_tool().main(["--data_dir", tiny_data, "--checkpoints", ckpt, ckpt, "--soup", "--soup_only",
                       "--out", str(only)])
     assert [json.loads(line)["model"] for line in open(only)] == [f"soup of {ckpt}, {ckpt}"]
+
+
+def test_mix_untuned_at_its_ends_is_either_encoder_alone(tmp_path, tiny_data):
+    """--mix_untuned w searches by w * the untuned cosine + (1 - w) * the checkpoint's: at w 0 the
+    checkpoint's own search, at w 1 the untuned encoder's; a weight outside [0, 1] is refused."""
+    ckpt = make_checkpoint(tmp_path / "run" / "ckpt.pt", tiny_data)
+    out = tmp_path / "study.jsonl"
+    load_tool().main(["--data_dir", tiny_data, "--checkpoints", ckpt, "--mix_untuned", "0", "0.5", "1",
+                      "--out", str(out)])
+    untuned, own = [json.loads(line) for line in open(out)]
+    assert untuned["model"].startswith("untuned ") and own["model"] == ckpt
+    mixed = own["retrieval_mix_untuned"]
+    assert mixed["0.0"] == pytest.approx(own["retrieval"]) and mixed["1.0"] == pytest.approx(untuned["retrieval"])
+    assert own["retrieval"] != untuned["retrieval"]  # the two ends differ, so the check above means something
+    with pytest.raises(SystemExit) as e:
+        load_tool().main(["--data_dir", tiny_data, "--checkpoints", ckpt, "--mix_untuned", "1.5"])
+    assert e.value.code == 2

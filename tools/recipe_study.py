@@ -3,7 +3,8 @@ the pretrained one at several weights (WiSE-FT, model.interpolated), scored at b
 split of its data folder: the pair classifier (accuracy at argmax, F1, AP, ROC-AUC) and search
 (search_eval.folder_benchmark: the search.py --eval protocol, exact cosine, without writing an
 index). --soup adds the uniform average of the checkpoints' weights (same recipe, other seeds).
---untuned adds the encoder the checkpoints started from, with mean pooling. One JSON line per
+--untuned adds the encoder the checkpoints started from, with mean pooling; --mix_untuned W also
+searches by W * its cosine + (1 - W) * each model's (an ensemble: two encoder passes). One JSON line per
 (model, alpha) is appended to --out as it is measured, so an interrupted study keeps what it did.
 
     python tools/recipe_study.py --data_dir data/qqp8k --checkpoints out/s0/ckpt.pt out/s1/ckpt.pt \\
@@ -60,6 +61,9 @@ def main(argv=None):
 def study(cfg):
     if not cfg.checkpoints and not cfg.untuned:
         raise UserError("nothing to study", "pass --checkpoints and/or --untuned")
+    if any(not 0 <= w <= 1 for w in cfg.mix_untuned):
+        raise UserError(f"--mix_untuned {' '.join(map(str, cfg.mix_untuned))}: each weight is in [0, 1]",
+                        "pass weights such as 0.5 0.75")
     rt = engine.setup_runtime("cpu", "fp32")
     texts = retrieval.data_folder_questions(cfg.data_dir).texts
     pairs = PairDataset(cfg.data_dir, cfg.split)
@@ -72,16 +76,15 @@ def study(cfg):
         soup.module.load_state_dict({k: sum(s[k] for s in states) / len(states) if v.is_floating_point() else v
                                      for k, v in states[0].items()})
         models.append(("soup of " + ", ".join(cfg.checkpoints), soup))
-    cfg.untuned_unit = None
+    untuned_unit = None  # (N, H) the untuned encoder's unit vectors, for --mix_untuned
     if cfg.untuned or cfg.mix_untuned:
         name = qes[0].module.cfg.encoder if qes else ModelConfig.encoder
-        cfg.untuned_unit = score(cfg, rt, texts, pairs, f"untuned {name}", load_question_encoder(encoder=name),
-                                 None)["unit"]
+        untuned_unit = score(cfg, rt, texts, pairs, f"untuned {name}", load_question_encoder(encoder=name), None)
     for name, qe in models:
         pretrained = pretrained_weights(load_encoder(ModelConfig(encoder=qe.module.cfg.encoder)))
         for alpha in cfg.alphas:
             with interpolated(qe.module.encoder, pretrained, alpha):
-                score(cfg, rt, texts, pairs, name, qe, alpha)
+                score(cfg, rt, texts, pairs, name, qe, alpha, untuned_unit)
 
 
 class Vectors:
@@ -143,7 +146,8 @@ def refit_head(cfg, classifier, pooled, pairs):
             setattr(classifier, k, v)
 
 
-def score(cfg, rt, texts, pairs, name, qe, alpha):
+def score(cfg, rt, texts, pairs, name, qe, alpha, untuned_unit=None):
+    """Both jobs of one model, appended to --out as a JSON line; returns its (N, H) unit vectors."""
     t0 = time.perf_counter()
     record = {"model": name, "alpha": alpha, "split": cfg.split, "data_dir": os.path.abspath(cfg.data_dir)}
     qe.module.eval()
@@ -165,9 +169,9 @@ def score(cfg, rt, texts, pairs, name, qe, alpha):
     pooled = retrieval.embed_texts(qe, inference, texts, verbose=False)  # (N, H): every folder question
     unit, _ = retrieval.unit(pooled)
     record["retrieval"], _ = folder_benchmark(unit, cfg.data_dir, cfg.split)
-    if qe.classifier is not None and cfg.untuned_unit is not None:
+    if untuned_unit is not None:
         for w in cfg.mix_untuned:  # [sqrt(w) u, sqrt(1 - w) t] . [sqrt(w) u', sqrt(1 - w) t'] = the mixed cosine
-            mixed = np.concatenate([np.sqrt(w) * cfg.untuned_unit, np.sqrt(1 - w) * unit], axis=1)
+            mixed = np.concatenate([np.sqrt(w) * untuned_unit, np.sqrt(1 - w) * unit], axis=1)  # (N, 2H)
             record.setdefault("retrieval_mix_untuned", {})[str(w)] = folder_benchmark(mixed, cfg.data_dir,
                                                                                       cfg.split)[0]
     if qe.classifier is not None and cfg.rerank:
@@ -185,7 +189,7 @@ def score(cfg, rt, texts, pairs, name, qe, alpha):
           + (f" | refit acc {refit['accuracy']:.4f} AP {refit['average_precision']:.4f}" if refit else "")
           + "".join(f" | mix {w}: nDCG@10 {m['ndcg@10']:.4f} R@1 {m['recall@1']:.4f}"
                     for w, m in record.get("retrieval_mix_untuned", {}).items()), flush=True)
-    return {**record, "unit": unit}
+    return unit
 
 
 if __name__ == "__main__":
