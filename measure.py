@@ -474,30 +474,34 @@ class ServerProcess:
     in log_path, or captured for an error); stop() sends SIGTERM, kill() SIGKILL."""
 
     def __init__(self, index_dir, *flags, token="", log_path=None, timeout=180):
-        import httpx
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(index_dir)),
-                                                 f"serve_{self.port}.log")
-        self.log = open(self.log_path, "w")
         self.token = token
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), index_dir, "--port",
-                                      str(self.port), *(["--token", token] if token else []), *flags],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.start([sys.executable, os.path.join(ROOT, "serve.py"), index_dir, "--port", str(self.port),
+                    *(["--token", token] if token else []), *flags],
+                   log_path or os.path.join(os.path.dirname(os.path.abspath(index_dir)), f"serve_{self.port}.log"),
+                   "/healthz", timeout)
+
+    def start(self, argv, log_path, health, timeout, **popen):
+        """Start argv (a server on self.port) and wait until GET `health` answers 200."""
+        import httpx
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.log = log_path, open(log_path, "w")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, **popen)
+        name = os.path.basename(argv[1])
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
                 self.log.close()
                 with open(self.log_path) as f:
-                    raise RuntimeError(f"serve.py exited {self.proc.returncode}: {f.read()[-2000:]}")
+                    raise RuntimeError(f"{name} exited {self.proc.returncode}: {f.read()[-2000:]}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                if httpx.get(self.url + health, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
                 self.kill()
-                raise RuntimeError(f"serve.py did not answer /healthz within {timeout} s (log: {self.log_path})")
+                raise RuntimeError(f"{name} did not answer {health} within {timeout} s (log: {self.log_path})")
             time.sleep(0.2)
 
     def post(self, path, body, auth=False, timeout=30):
