@@ -46,9 +46,10 @@ Stages (--stages, comma-separated, or 'all'):
               gain over workers that take one request each); errors counted. Faults: a writer adds
               1,000 questions while searches run, then every acknowledged one is searched for; a
               server killed with SIGKILL in the middle of writes is restarted and every acknowledged
-              one is searched for. Targets (2 CPU cores, the real rows' index): /search p95 < 50 ms at
-              concurrency 1, >= 150 requests/s at 32 with batching and >= 3x the rate without, no
-              error, nothing lost; with an index of >= 500k questions, ANN p95 < 60 ms at 1.
+              one is searched for. Targets (2 CPU cores): no error, nothing lost; on an index of the
+              real rows' size (below 500k questions) /search p95 < 50 ms at concurrency 1, >= 150
+              requests/s at 32 with batching and >= 3x the rate without; with an index of >= 500k
+              questions, ANN p95 < 60 ms at 1 (exact search there is timed, not targeted).
   gpu         on CUDA: the train and infer stages, plus model FLOPs utilization (6 x non-embedding
               parameters x real tokens over the measured bf16 matmul rate), the share of step time
               blocked on the loader, peak memory, compile seconds, distinct batch shapes, the
@@ -537,13 +538,16 @@ def stage_serve(ws, cfg, plan, rt):
     lost = faults["writes_during_searches"]["lost"] + faults["kill_9_during_writes"]["lost"]
     at_scale = len(index) >= SEARCH_TARGET_SCALE
     corpus = f"{len(index):,} questions"
+    def exact_target(text, passed):  # set for the real rows' index; at scale, ANN is what is served
+        return ("-", None) if at_scale else (text, passed)
+
     rows = [row("serve", f"/search p95 ms, concurrency 1 (exact, {corpus}; encoder on {runtime})", one["p95_ms"], None, None,
-                "< 50 ms", one["p95_ms"] < 50),
+                *exact_target("< 50 ms", one["p95_ms"] < 50)),
             row("serve", f"/search requests/s, concurrency 32, batched ({runtime})", on["requests_per_sec"], None, None,
-                ">= 150/s", on["requests_per_sec"] >= 150),
+                *exact_target(">= 150/s", on["requests_per_sec"] >= 150)),
             row("serve", "  the same: batched vs not (same workers)", on["requests_per_sec"], off["requests_per_sec"],
-                on["requests_per_sec"] / off["requests_per_sec"], ">= 3x",
-                on["requests_per_sec"] / off["requests_per_sec"] >= 3),
+                on["requests_per_sec"] / off["requests_per_sec"],
+                *exact_target(">= 3x", on["requests_per_sec"] / off["requests_per_sec"] >= 3)),
             row("serve", "  p95 ms at 32: batched vs not", on["p95_ms"], off["p95_ms"], off["p95_ms"] / on["p95_ms"]),
             *([row("serve", "  requests/s at 32: batched vs one worker, one request at a time",
                    on["requests_per_sec"], one_at_a_time, on["requests_per_sec"] / one_at_a_time),
