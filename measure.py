@@ -489,20 +489,22 @@ class ServerProcess:
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, **popen)
         name = os.path.basename(argv[1])
         deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                self.log.close()
-                with open(self.log_path) as f:
-                    raise RuntimeError(f"{name} exited {self.proc.returncode}: {f.read()[-2000:]}")
-            try:
-                if httpx.get(self.url + health, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.kill()
-                raise RuntimeError(f"{name} did not answer {health} within {timeout} s (log: {self.log_path})")
-            time.sleep(0.2)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    with open(self.log_path) as f:
+                        raise RuntimeError(f"{name} exited {self.proc.returncode}: {f.read()[-2000:]}")
+                try:
+                    if httpx.get(self.url + health, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"{name} did not answer {health} within {timeout} s (log: {self.log_path})")
+                time.sleep(0.2)
+        except BaseException:  # a failed start or a Ctrl-C while waiting: nothing left running
+            self.kill()
+            raise
 
     def post(self, path, body, auth=False, timeout=30):
         import httpx

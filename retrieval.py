@@ -117,6 +117,13 @@ def quantize_int8(qe):
     return qe
 
 
+def onnx_missing():
+    """The packages use_onnx needs (torch.onnx.export writes with onnx; onnxruntime runs it) that
+    are not installed."""
+    import importlib.util
+    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
 def use_onnx(qe, threads):
     """qe's encoder run by ONNX Runtime from now on (in place; CPU only; the classifier head stays
     torch), `threads` threads per call. Its vectors equal torch's fp32 ones to about 1e-5 (tests)."""

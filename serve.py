@@ -32,7 +32,6 @@ request, question length and k are limited (flags below); every bad request gets
 one-line JSON error naming the field. The index's model is fingerprint-checked at start (a moved
 checkpoint: --checkpoint), like search.py.
 """
-import importlib.util
 import ipaddress
 import json
 import os
@@ -190,12 +189,8 @@ def encoder_runtime(cfg, rt):
     if cfg.runtime != "auto":
         return cfg.runtime
     same_model = rt.device.type == "cpu" and rt.precision == "fp32" and not onnx_conflicts(cfg)
-    return "onnx" if same_model and not onnx_missing() else "torch"
+    return "onnx" if same_model and not retrieval.onnx_missing() else "torch"
 
-
-def onnx_missing():
-    """The packages --runtime onnx needs (torch.onnx.export writes with onnx) that are not installed."""
-    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
 
 
 def onnx_conflicts(cfg):
@@ -218,9 +213,10 @@ def check_config(cfg, token):
     if cfg.runtime == "onnx" and cfg.device.split(":")[0] in ("cuda", "mps"):
         raise UserError(f"--runtime onnx with --device {cfg.device}: it runs the encoder on the CPU",
                         "drop --runtime (a GPU serves in bf16 with torch), or pass --device cpu")
-    if cfg.runtime == "onnx" and onnx_missing():
-        raise UserError(f"--runtime onnx: {' and '.join(onnx_missing())} not installed",
-                        f"pip install {' '.join(onnx_missing())}, or pass --runtime torch")
+    missing = retrieval.onnx_missing()
+    if cfg.runtime == "onnx" and missing:
+        raise UserError(f"--runtime onnx: {' and '.join(missing)} not installed",
+                        f"pip install {' '.join(missing)}, or pass --runtime torch")
     if cfg.nprobe and not cfg.ann:
         raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
     if not is_loopback(cfg.host) and not token:

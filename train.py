@@ -71,7 +71,9 @@ RESUME_MAY_CHANGE = {"out_dir", "data_dir", "resume", "epochs", "max_steps", "ev
                      "save_every_steps", "log_every_steps", "early_stopping_patience", "num_workers"}
 # Fields added after runs were first saved, with the value those runs had (as model.SAVED_BEFORE):
 # a run saved before --wise_alpha shipped its fine-tuned encoder as is.
-TRAIN_SAVED_BEFORE = {**SAVED_BEFORE, "wise_alpha": 1.0, "encoder_lr": 0.0, "freeze_layers": 0}
+# (cosine_shift came with cosine_prior: unused while the prior is off, its default then as now.)
+TRAIN_SAVED_BEFORE = {**SAVED_BEFORE, "cosine_shift": ModelConfig.cosine_shift, "wise_alpha": 1.0, "encoder_lr": 0.0,
+                      "freeze_layers": 0}
 # Every numeric flag's range ("[" and "]" include the end, "(" and ")" leave it out); check_config
 # refuses the rest, NaN included. The seed seeds numpy too, which takes 0 .. 2**32 - 1.
 RANGES = {name: interval(spec) for name, spec in {

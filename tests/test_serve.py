@@ -2,6 +2,7 @@
 test client (answers, the one scoring road, dynamic batching, every bad input and the answer it
 must get), then real server processes: kill -9 in the middle of writes, two servers on one
 database, index.py --fold, refusals at start, and the web page in a real headless browser."""
+import importlib.util
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import synthetic_rows, write_csv
+from conftest import ROOT, synthetic_rows, write_csv
 from test_evaluate import make_checkpoint, run_bad
 
 import engine
@@ -526,8 +527,8 @@ def test_onnx_encoder_answers_as_torch(fresh_index, built, capsys):
     """serve.py --runtime onnx: the encoder run by ONNX Runtime gives the same searches, cosines and
     probabilities as torch's (fp32, to 1e-5); auto picks it on a CPU unless a flag needs torch; it
     refuses what it cannot run."""
-    if serve.onnx_missing():
-        pytest.skip(f"{' and '.join(serve.onnx_missing())} not installed (pip install onnx onnxruntime)")
+    if retrieval.onnx_missing():
+        pytest.skip(f"{' and '.join(retrieval.onnx_missing())} not installed (pip install onnx onnxruntime)")
     texts = index_questions(built["index"])[1][:6]
     pairs = [[texts[0], texts[1]], [texts[2], "How do I bake bread at home?"]]
     answers = {}
@@ -551,15 +552,20 @@ def test_onnx_encoder_answers_as_torch(fresh_index, built, capsys):
     for flags in (["--int8"], ["--shapes", "packed"], ["--precision", "bf16"]):
         err = run_bad(serve.main, [fresh_index, "--runtime", "onnx", *flags], capsys)
         assert "ONNX Runtime runs the encoder in fp32" in err and f"drop {flags[0]}" in err
-    err = run_bad(serve.main, [fresh_index, "--runtime", "onnx", "--device", "cuda"], capsys)  # before any load
+
+
+def test_runtime_onnx_refusals_come_before_anything_loads(fresh_index, capsys, monkeypatch):
+    """--runtime onnx on a GPU device, or without its packages, is one line before any load; auto
+    picks onnx on a CPU exactly when both packages are there."""
+    err = run_bad(serve.main, [fresh_index, "--runtime", "onnx", "--device", "cuda"], capsys)
     assert "--runtime onnx with --device cuda: it runs the encoder on the CPU" in err
-
-
-def test_runtime_onnx_without_its_packages_is_refused_in_one_line(fresh_index, capsys, monkeypatch):
-    monkeypatch.setattr(serve, "onnx_missing", lambda: ["onnxruntime"])
+    auto, cpu = serve.ServeConfig(index=fresh_index), engine.setup_runtime("cpu")
+    monkeypatch.setattr(retrieval, "onnx_missing", lambda: [])
+    assert serve.encoder_runtime(auto, cpu) == "onnx"
+    monkeypatch.setattr(retrieval, "onnx_missing", lambda: ["onnxruntime"])
     err = run_bad(serve.main, [fresh_index, "--runtime", "onnx"], capsys)
     assert "--runtime onnx: onnxruntime not installed" in err and "pip install onnxruntime" in err
-    assert serve.encoder_runtime(serve.ServeConfig(index=fresh_index), engine.setup_runtime("cpu")) == "torch"
+    assert serve.encoder_runtime(auto, cpu) == "torch"
 
 
 def test_encoder_batch_size_cuts_a_batch_into_calls_with_the_same_answers(fresh_index, built, monkeypatch):
@@ -607,7 +613,7 @@ def test_bench_serve_stage_runs_and_reports_its_rows(built, tmp_path):
     assert rows["errors (every level and fault check)"]["pass"] is True
     assert stage["int8_agreement"]["questions"] > 0
     assert {"search_exact_one_worker_batched_c32", "search_exact_one_worker_unbatched_c32"} <= set(stage["levels"])
-    if not serve.onnx_missing():  # ONNX Runtime: the same vectors, so the same answers
+    if not retrieval.onnx_missing():  # ONNX Runtime: the same vectors, so the same answers
         assert stage["runtime"] == "onnx"  # auto, on a CPU
         assert "search_exact_one_call_per_batch_c32" in stage["levels"]
         assert {"search_exact_batched_torch_c32", "search_exact_unbatched_torch_c32"} <= set(stage["levels"])
@@ -623,3 +629,18 @@ def test_a_database_that_is_not_one_refuses_to_start(fresh_index, capsys):
         f.write("these are not the rows you are looking for\n" * 100)
     err = run_bad(serve.main, [fresh_index], capsys)
     assert "not a database" in err and "Fix:" in err
+
+
+def test_litserve_compare_refuses_bad_flags_in_one_line(tmp_path, capsys):
+    """tools/litserve_compare.py (LitServe against serve.py): every flag checked before anything
+    starts, one line each; without litserve installed, one line saying so."""
+    spec = importlib.util.spec_from_file_location("litserve_compare", os.path.join(ROOT, "tools",
+                                                                                   "litserve_compare.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for flags, says in ((["--workers", "0"], "--workers 0: out of range"),
+                        (["--requests", "0"], "--requests 0: out of range"),
+                        (["--concurrency", "8", "0"], "--concurrency 8 0: each level is at least 1 client")):
+        assert says in run_bad(tool.main, [str(tmp_path), *flags], capsys)
+    err = run_bad(tool.main, [str(tmp_path / "none")], capsys)
+    assert ("litserve is not installed" if tool.ls is None else "no such index folder") in err

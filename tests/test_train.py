@@ -1,4 +1,5 @@
 """model.py and train.py on tiny random encoders: learning, checkpoints, exact resume, DDP."""
+import dataclasses
 import json
 import os
 import re
@@ -272,22 +273,26 @@ def test_a_run_saved_before_the_cosine_prior_resumes_without_one(tmp_path, tiny_
     without one) resumes as that model, not as today's default with the prior."""
     out = str(tmp_path / "old")
     common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", out]
-    assert train_here([*common, "--epochs", "1", "--cosine_prior", "0"], capsys)[0] == 0
+    assert train_here([*common, "--epochs", "1", "--cosine_prior", "0", "--freeze_layers", "0"], capsys)[0] == 0
     path = os.path.join(out, "last.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
     for config in (state["train_config"], state["model_config"]):
-        del config["cosine_prior"], config["cosine_shift"]
+        del config["cosine_prior"], config["cosine_shift"], config["freeze_layers"]  # and trained every layer
     del state["train_config"]["wise_alpha"]  # older still: it shipped its fine-tuned encoder as is
     del state["train_config"]["encoder_lr"]  # and trained the encoder at --lr
     torch.save(state, path)
     # A flag the old run had no field for is compared with the value it had, not let through.
-    code, _, err = train_here(["--out_dir", out, "--resume", "--epochs", "2", "--encoder_lr", "1e-5"], capsys)
-    assert code == 2 and "--encoder_lr 1e-05 differs from the saved run's 0.0" in err
+    for flags, refusal in ((["--encoder_lr", "1e-5"], "--encoder_lr 1e-05 differs from the saved run's 0.0"),
+                           (["--freeze_layers", "1"], "--freeze_layers 1 differs from the saved run's 0")):
+        code, _, err = train_here(["--out_dir", out, "--resume", "--epochs", "2", *flags], capsys)
+        assert code == 2 and refusal in err, err
     code, out_text, err = train_here(["--out_dir", out, "--resume", "--epochs", "2"], capsys)
     assert code == 0, err[-2000:]
     saved = load_checkpoint(path)["train_config"]
     assert saved["cosine_prior"] == 0 and saved["wise_alpha"] == 1.0 and "WiSE-FT" not in out_text
-    assert saved["encoder_lr"] == 0.0
+    assert saved["encoder_lr"] == 0.0 and saved["freeze_layers"] == 0
+    # Every field named there is a field of today's config (a resumed config is built from it).
+    assert set(train.TRAIN_SAVED_BEFORE) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
 
 
 def test_encoder_lr_trains_the_encoder_at_its_own_rate(tmp_path, tiny_data, tiny_bert_dir, capsys):

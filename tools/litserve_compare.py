@@ -21,14 +21,16 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import List, Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from cli import UserError, arg, parse_config, run  # noqa: E402
+from cli import UserError, arg, check_ranges, parse_config, run  # noqa: E402
 from measure import ServerProcess, free_port, load, machine_info, versions  # noqa: E402
+from retrieval import onnx_missing  # noqa: E402
 
 try:  # optional: only this tool needs it
     import litserve as ls
@@ -45,10 +47,17 @@ class CompareConfig:
     workers: int = arg(2, "encoder workers in both: serve.py's threads, LitServe's worker processes")
     max_batch: int = arg(64, "questions batched together at most, in both")
     max_wait_ms: float = arg(2.0, "wait for more requests after the first of a batch, in both")
+    rounds: int = arg(2, "runs of each server, their order alternating from round to round")
     seed: int = arg(0, "which of the index's questions are the queries")
     out: str = arg("runs/litserve_compare.json", "the report")
     # internal: the LitServe server process this tool starts
     serve_litserve_port: int = arg(0, "(internal) run the LitServe server on this port and block")
+
+
+# What each numeric flag may be: (test, the rule in words).
+RANGES = {"requests": (lambda v: v >= 1, "at least 1"), "workers": (lambda v: v >= 1, "at least 1"),
+          "max_batch": (lambda v: v >= 1, "at least 1 (1: no batching)"),
+          "max_wait_ms": (lambda v: 0 <= v <= 1000, "in [0, 1000]"), "rounds": (lambda v: v >= 1, "at least 1")}
 
 
 def main(argv=None):
@@ -56,41 +65,62 @@ def main(argv=None):
 
 
 def compare(cfg):
-    if ls is None:
-        raise UserError("litserve is not installed", "pip install litserve (it is not one of the project's "
-                        "requirements)")
-    if not os.path.isdir(cfg.index):
-        raise UserError(f"{cfg.index}: no such index folder", "build one: python index.py out/ckpt.pt data/qqp8k "
-                        f"--out_dir {cfg.index}")
+    check_config(cfg)
     if cfg.serve_litserve_port:
         return serve_litserve(cfg)
+    import engine
     from retrieval import Index
     texts = Index(cfg.index).questions[1]
     picks = np.random.default_rng(cfg.seed).choice(len(texts), 2000, replace=len(texts) < 2000).tolist()
     searches = [{"question": texts[i], "k": 10} for i in picks]  # as bench.py's serve stage
-    import engine
-    report = {"machine": machine_info(engine.setup_runtime("cpu", "fp32")), "versions": {**versions(), "litserve": litserve_version()},
-              "config": {k: v for k, v in vars(cfg).items() if k != "serve_litserve_port"}, "levels": {}}
+    report = {"machine": machine_info(engine.setup_runtime("cpu", "fp32")),
+              "versions": {**versions(), "litserve": version("litserve")},
+              "config": {k: v for k, v in vars(cfg).items() if k != "serve_litserve_port"}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="litserve-compare-") as tmp:
         index = os.path.join(tmp, "index")  # a copy: each server opens its added-questions database beside it
         subprocess.run(["cp", "-r", cfg.index, index], check=True)
         flags = ["--device", "cpu", "--runtime", cfg.runtime, "--workers", str(cfg.workers), "--max_batch",
                  str(cfg.max_batch), "--max_wait_ms", str(cfg.max_wait_ms)]
-        with ServerProcess(index, *flags, log_path=os.path.join(tmp, "serve.log")) as server:
-            report["levels"]["serve.py"] = measure_levels(cfg, server.url, searches)
-        with LitServeProcess(cfg, index, os.path.join(tmp, "litserve.log")) as server:
-            report["levels"]["litserve"] = measure_levels(cfg, server.url, searches)
-    ours, theirs = report["levels"]["serve.py"], report["levels"]["litserve"]
-    report["ratio_requests_per_sec"] = {c: ours[c]["requests_per_sec"] / theirs[c]["requests_per_sec"] for c in ours}
+        servers = {"serve.py": lambda: ServerProcess(index, *flags, log_path=os.path.join(tmp, "serve.log")),
+                   "litserve": lambda: LitServeProcess(cfg, index, os.path.join(tmp, "litserve.log"))}
+        # Each round runs both, the order alternating (serve.py first, then LitServe first, ...), so
+        # that a machine getting slower or faster does not favour one of them.
+        for r in range(cfg.rounds):
+            for name in (["serve.py", "litserve"] if r % 2 == 0 else ["litserve", "serve.py"]):
+                with servers[name]() as server:
+                    report["runs"].append({"server": name, "round": r, "levels": measure_levels(cfg, server.url,
+                                                                                                searches)})
+    report["mean_requests_per_sec"] = means = {
+        name: {str(c): float(np.mean([run["levels"][str(c)]["requests_per_sec"] for run in report["runs"]
+                                      if run["server"] == name])) for c in cfg.concurrency}
+        for name in servers}
+    report["ratio_requests_per_sec"] = {c: means["serve.py"][c] / means["litserve"][c] for c in means["serve.py"]}
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"{'concurrency':>11} | {'serve.py req/s (p95 ms)':>24} | {'LitServe req/s (p95 ms)':>24} | ratio")
-    for c in ours:
-        print(f"{c:>11} | {ours[c]['requests_per_sec']:>14.1f} ({ours[c]['p95_ms']:6.1f}) | "
-              f"{theirs[c]['requests_per_sec']:>14.1f} ({theirs[c]['p95_ms']:6.1f}) | "
+    print(f"requests/s, mean of {cfg.rounds} run(s) each (every run in {cfg.out}):")
+    print(f"{'concurrency':>11} | {'serve.py':>9} | {'LitServe':>9} | ratio")
+    for c in means["serve.py"]:
+        print(f"{c:>11} | {means['serve.py'][c]:>9.1f} | {means['litserve'][c]:>9.1f} | "
               f"{report['ratio_requests_per_sec'][c]:.2f}x")
-    print(f"wrote {cfg.out}")
+
+
+def check_config(cfg):
+    """Every flag checked before anything starts."""
+    check_ranges(cfg, RANGES)
+    if not cfg.concurrency or min(cfg.concurrency) < 1:
+        raise UserError(f"--concurrency {' '.join(map(str, cfg.concurrency))}: each level is at least 1 client",
+                        "e.g. --concurrency 1 8 32")
+    if ls is None:
+        raise UserError("litserve is not installed", "pip install litserve (it is not one of the project's "
+                        "requirements)")
+    if cfg.runtime == "onnx" and onnx_missing():
+        raise UserError(f"--runtime onnx: {' and '.join(onnx_missing())} not installed",
+                        f"pip install {' '.join(onnx_missing())}, or pass --runtime torch")
+    if not os.path.isdir(cfg.index):
+        raise UserError(f"{cfg.index}: no such index folder", "build one: python index.py out/ckpt.pt data/qqp8k "
+                        f"--out_dir {cfg.index}")
 
 
 def measure_levels(cfg, url, searches):
@@ -103,13 +133,10 @@ def measure_levels(cfg, url, searches):
     return levels
 
 
-def litserve_version():
-    from importlib.metadata import version
-    return version("litserve")
-
-
 class LitServeProcess(ServerProcess):
-    """This tool again, as the LitServe server (--serve_litserve_port), up when /health answers."""
+    """This tool again, as the LitServe server (--serve_litserve_port), up when /health answers.
+    It runs in a session of its own, and stop() ends the whole session: LitServe's API server and
+    workers are processes of their own."""
 
     def __init__(self, cfg, index, log_path, timeout=300):
         self.port, self.token = free_port(), ""
@@ -120,9 +147,15 @@ class LitServeProcess(ServerProcess):
 
     def stop(self, signal_name="SIGTERM"):
         import signal
-        if self.proc.poll() is None:  # LitServe's workers are processes of their own: stop the whole group
+        try:  # the session's processes, even when its first one has already exited
             os.killpg(self.proc.pid, getattr(signal, signal_name))
+        except ProcessLookupError:
+            pass
+        try:
             self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         self.log.close()
 
 
@@ -142,7 +175,7 @@ class SearchAPI(ls.LitAPI if ls else object):
         import retrieval
         import service
         cfg = self.cfg
-        threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # as serve.py shares the cores out
+        threads = max(1, torch.get_num_threads() // cfg.workers)  # as serve.py shares the cores out
         torch.set_num_threads(threads)
         index = retrieval.Index(cfg.index)
         qe = retrieval.load_index_model(index)
