@@ -60,7 +60,6 @@ Every ratio reads "times better than the reference" (> 1: ours ahead), whatever 
 stages here turn measurements into rows; measure.py holds what they share and time (Workspace,
 synthesize, each side's training loop, train.py end to end).
 """
-import importlib.util
 import json
 import math
 import os
@@ -83,7 +82,7 @@ from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kern
                      encoder_batching_gain, end_to_end, format_table, git_commit, kill_during_writes, load,
                      machine_info, matmul_tflops, notebook_train, ours_train, peer_train, row, run_child, sync,
                      synthesize, versions, writes_during_searches)
-from retrieval import Index
+from retrieval import Index, onnx_missing
 from text import read_pairs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -497,8 +496,7 @@ def stage_serve(ws, cfg, plan, rt):
     # The other encoder runtime against serve.py's default (auto: ONNX Runtime on a CPU where it is
     # installed, torch elsewhere), and --int8 (torch's) against torch fp32.
     other = {"onnx": "torch", "torch": "onnx"}[runtime]
-    if other == "onnx" and (rt.device.type != "cpu" or
-                            any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime"))):
+    if other == "onnx" and (rt.device.type != "cpu" or onnx_missing()):
         other = None
     if other:
         for name, flags in (("batched", []), ("unbatched", ["--max_batch", "1"])):
@@ -538,6 +536,7 @@ def stage_serve(ws, cfg, plan, rt):
     lost = faults["writes_during_searches"]["lost"] + faults["kill_9_during_writes"]["lost"]
     at_scale = len(index) >= SEARCH_TARGET_SCALE
     corpus = f"{len(index):,} questions"
+
     def exact_target(text, passed):  # set for the real rows' index; at scale, ANN is what is served
         return ("-", None) if at_scale else (text, passed)
 

@@ -124,6 +124,14 @@ def onnx_missing():
     return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
 
 
+def require_onnx():
+    """The one-line error of a run that asks for ONNX Runtime without onnx and onnxruntime installed."""
+    missing = onnx_missing()
+    if missing:
+        raise UserError(f"--runtime onnx: {' and '.join(missing)} not installed",
+                        f"pip install {' '.join(missing)}, or pass --runtime torch")
+
+
 def use_onnx(qe, threads):
     """qe's encoder run by ONNX Runtime from now on (in place; CPU only; the classifier head stays
     torch), `threads` threads per call. Its vectors equal torch's fp32 ones to about 1e-5 (tests)."""

@@ -213,10 +213,8 @@ def check_config(cfg, token):
     if cfg.runtime == "onnx" and cfg.device.split(":")[0] in ("cuda", "mps"):
         raise UserError(f"--runtime onnx with --device {cfg.device}: it runs the encoder on the CPU",
                         "drop --runtime (a GPU serves in bf16 with torch), or pass --device cpu")
-    missing = retrieval.onnx_missing()
-    if cfg.runtime == "onnx" and missing:
-        raise UserError(f"--runtime onnx: {' and '.join(missing)} not installed",
-                        f"pip install {' '.join(missing)}, or pass --runtime torch")
+    if cfg.runtime == "onnx":
+        retrieval.require_onnx()
     if cfg.nprobe and not cfg.ann:
         raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
     if not is_loopback(cfg.host) and not token:

@@ -106,9 +106,9 @@ class TrainConfig:
     hidden: int = arg(ModelConfig.hidden, "head width (the notebook: 300)")
     dropout: float = arg(ModelConfig.dropout, "head dropout (the notebook: 0.25)")
     freeze_encoder: bool = arg(ModelConfig.freeze_encoder, "the notebook's static BERT: train the head only")
-    freeze_layers: int = arg(engine.Recipe.freeze_layers, "keep the bottom layers as pretrained, the embeddings counted as the first (1: "
-                                "the embeddings, a better classifier at the same search: docs/recipe_2026-11-30.md; "
-                                "3: they and 2 transformer layers; 0: none)")
+    freeze_layers: int = arg(engine.Recipe.freeze_layers, "keep the bottom layers as pretrained, the embeddings "
+                             "counted as the first (1: the embeddings, a better classifier at the same search: "
+                             "docs/recipe_2026-11-30.md; 3: they and 2 transformer layers; 0: none)")
     symmetric: bool = arg(ModelConfig.symmetric, "siamese: average the logits of both question orders")
     cosine_prior: float = arg(ModelConfig.cosine_prior, "siamese: start from the encoder's cosine: add "
                               "scale * (cos(u, v) - shift) to the logit margin; initial scale, learnt (0: off)")

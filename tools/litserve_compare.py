@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from cli import UserError, arg, check_ranges, parse_config, run  # noqa: E402
 from measure import ServerProcess, free_port, load, machine_info, versions  # noqa: E402
-from retrieval import onnx_missing  # noqa: E402
+from retrieval import require_onnx  # noqa: E402
 
 try:  # optional: only this tool needs it
     import litserve as ls
@@ -115,9 +115,8 @@ def check_config(cfg):
     if ls is None:
         raise UserError("litserve is not installed", "pip install litserve (it is not one of the project's "
                         "requirements)")
-    if cfg.runtime == "onnx" and onnx_missing():
-        raise UserError(f"--runtime onnx: {' and '.join(onnx_missing())} not installed",
-                        f"pip install {' '.join(onnx_missing())}, or pass --runtime torch")
+    if cfg.runtime == "onnx":
+        require_onnx()
     if not os.path.isdir(cfg.index):
         raise UserError(f"{cfg.index}: no such index folder", "build one: python index.py out/ckpt.pt data/qqp8k "
                         f"--out_dir {cfg.index}")
