@@ -354,15 +354,18 @@ def peer_train(ws, warm_rows, timed_rows):
     return stats
 
 
-def end_to_end(ws):
-    """train.py --epochs 1 on the synthesized file, bundled MiniLM, as a user runs it; the
-    preprocessing before it is timed apart (synthesize)."""
+def end_to_end(ws, max_steps=0):
+    """train.py --epochs 1 on the synthesized file, as a user runs it: the bundled MiniLM (the
+    tokenizer's model: bench's --encoder where that is a model train.py loads); the preprocessing
+    before it is timed apart (synthesize). max_steps > 0 stops training there (a smoke check of
+    this code on a CPU: validation still runs)."""
     cfg, rt = ws.cfg, ws.rt
     _, data_dir, prep = synthesize(ws)
     print(f"train.py end to end: preprocessed {ws.cfg.rows:,} rows in {prep['seconds']:.1f} s", flush=True)
     out, logs = os.path.join(ws.tmp, "e2e_run"), os.path.dirname(os.path.abspath(cfg.out))
     seconds, _ = run_child([sys.executable, "train.py", "--data_dir", data_dir, "--out_dir", out, "--epochs", "1",
-                            "--batch_size", str(cfg.batch_size), "--device", str(rt.device)],
+                            "--encoder", ws.plan.tokenizer, "--batch_size", str(cfg.batch_size),
+                            "--device", str(rt.device), *(["--max_steps", str(max_steps)] if max_steps else [])],
                            logs, "bench_train_e2e", timeout=cfg.e2e_timeout)
     with open(os.path.join(logs, "bench_train_e2e.log")) as f:
         log = f.read()

