@@ -76,7 +76,8 @@ import torch
 
 import engine
 import reference
-from cli import UserError, arg, check_ranges, parse_config, run
+import service
+from cli import UserError, arg, check_ranges, parse_config, require_packages, run
 from data import check_out_file, check_writable, padding_stats, shapes_of, to_device
 from hub import BUNDLED_MODEL
 from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kernels, bench_search, encoder_agreement,
@@ -165,13 +166,17 @@ def make_plan(cfg, rt):
         path = getattr(cfg, flag)
         if path and not os.path.isfile(os.path.join(path, "manifest.json")):
             raise UserError(f"--{flag} {path}: not an index folder (no manifest.json)", "pass a folder index.py wrote")
+    stages = STAGES if "all" in named else tuple(s for s in STAGES if s in named)
+    for stage, packages in (("search", ("faiss",)), ("serve", (*service.PACKAGES, "httpx"))):
+        if stage in stages:
+            require_packages(packages, f"bench.py's {stage} stage", f"leave {stage} out of --stages")
     encoder = cfg.encoder if cfg.encoder != "auto" else DISTILBERT_CONFIG if rt.cuda else BUNDLED_MODEL
 
     def pick(value, on_cpu, on_cuda):
         return value if value >= 0 else on_cuda if rt.cuda else on_cpu
 
     train_steps = pick(cfg.train_steps, 10, 300)
-    return Plan(stages=STAGES if "all" in named else tuple(s for s in STAGES if s in named),
+    return Plan(stages=stages,
                 gpu_named="gpu" in named, encoder=encoder,
                 # A random DistilBERT uses the bundled vocabulary: the same 30,522 uncased WordPieces.
                 tokenizer=BUNDLED_MODEL if encoder == DISTILBERT_CONFIG else encoder,

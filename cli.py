@@ -26,6 +26,25 @@ class UserError(Exception):
         super().__init__(f"{problem}. Fix: {fix}")
 
 
+def missing_packages(names):
+    """Those of these importable names that are not installed."""
+    import importlib.util
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+PIP_NAMES = {"faiss": "faiss-cpu"}  # where what pip installs is named other than what Python imports
+
+
+def require_packages(names, what, other_way=""):
+    """A one-line error, before any work, when `what` needs packages (import names) that are not
+    installed."""
+    missing = missing_packages(names)
+    if missing:
+        pip = " ".join(PIP_NAMES.get(name, name) for name in missing)
+        raise UserError(f"{what}: {' and '.join(missing)} not installed",
+                        f"pip install {pip}{', or ' + other_way if other_way else ''}")
+
+
 def arg(default=MISSING, help="", **kwargs):
     """A config field: its default, its help text for --help, and argparse extras (aliases=...)."""
     if isinstance(default, (list, dict)):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import engine
-from cli import UserError
+from cli import UserError, missing_packages, require_packages
 from data import QuestionDataset, fingerprint, load_manifest, write_data_dir
 from model import OnnxEncoder, describe_model, load_question_encoder
 from text import file_sha256, pair_file_questions, read_question_file, tokenize
@@ -117,19 +117,17 @@ def quantize_int8(qe):
     return qe
 
 
+ONNX_PACKAGES = ("onnx", "onnxruntime")  # use_onnx: torch.onnx.export writes with onnx; onnxruntime runs it
+
+
 def onnx_missing():
-    """The packages use_onnx needs (torch.onnx.export writes with onnx; onnxruntime runs it) that
-    are not installed."""
-    import importlib.util
-    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    """The packages use_onnx needs that are not installed."""
+    return missing_packages(ONNX_PACKAGES)
 
 
 def require_onnx():
     """The one-line error of a run that asks for ONNX Runtime without onnx and onnxruntime installed."""
-    missing = onnx_missing()
-    if missing:
-        raise UserError(f"--runtime onnx: {' and '.join(missing)} not installed",
-                        f"pip install {' '.join(missing)}, or pass --runtime torch")
+    require_packages(ONNX_PACKAGES, "--runtime onnx", "pass --runtime torch")
 
 
 def use_onnx(qe, threads):
@@ -497,6 +495,7 @@ class BM25:
     stop words removed, no stemming."""
 
     def __init__(self, texts):
+        require_packages(("bm25s",), "BM25, the lexical baseline")
         import bm25s
         self.bm25s = bm25s
         self.retriever, self.n = bm25s.BM25(), len(texts)

@@ -47,7 +47,7 @@ import torch
 import engine
 import retrieval
 import service
-from cli import UserError, arg, check_ranges, parse_config, run
+from cli import UserError, arg, check_ranges, parse_config, require_packages, run
 from metrics import tuned_threshold
 from model import describe_model
 
@@ -114,8 +114,8 @@ def main(argv=None):
 
 
 def serve(cfg):
-    import uvicorn
     app, about = build(cfg)
+    import uvicorn  # checked in build (check_config), with the rest, before anything loads
     print(f"serving {about['corpus']:,} questions ({about['model']}; encoder on {about['runtime']}, "
           f"{about['workers']} worker(s)) at http://{cfg.host}:{cfg.port}/ "
           f"(the page; API at /docs); adding questions {'on' if about['token'] else 'off (no token)'}; "
@@ -203,6 +203,7 @@ def onnx_conflicts(cfg):
 
 def check_config(cfg, token):
     """Every flag checked before anything loads."""
+    require_packages(service.PACKAGES, "serve.py")
     check_ranges(cfg, RANGES)
     if not os.path.isdir(cfg.index):
         raise UserError(f"{cfg.index}: no such index folder", "build one: python index.py out/ckpt.pt "

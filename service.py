@@ -40,6 +40,7 @@ from cli import UserError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "index.html")
 TOKEN_ENV = "QQP_SERVE_TOKEN"
+PACKAGES = ("fastapi", "uvicorn")  # the web framework and the server (imported where used)
 
 
 # ----------------------------------------------------------------------------- the corpus

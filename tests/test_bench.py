@@ -95,6 +95,19 @@ def test_gpu_stage_is_skipped_without_cuda_unless_named(tmp_path, monkeypatch):
     assert report["stages"]["gpu"]["skipped"] == "not measured: no CUDA device here"
 
 
+@pytest.mark.parametrize("stage,package,pip", [("serve", "httpx", "httpx"), ("search", "faiss", "faiss-cpu")])
+def test_a_stage_without_its_packages_is_one_line_before_any_stage(tmp_path, capsys, monkeypatch, stage, package,
+                                                                    pip):
+    import sys
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: find_spec gives None
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--stages", f"data,{stage}", "--out", str(tmp_path / "bench.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: bench.py's {stage} stage: {package} not installed") and f"pip install {pip}" in err
+    assert not (tmp_path / "bench.json").exists()
+
+
 def test_unknown_stage_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--stages", "train,warp"])

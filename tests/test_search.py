@@ -404,3 +404,12 @@ def test_real_rows_untuned_minilm_beats_bm25(tmp_path):
             results[name] = json.load(f)
     assert results["dense"]["queries"] == results["bm25"]["queries"] > 300
     assert results["dense"]["metrics"]["recall@10"] > results["bm25"]["metrics"]["recall@10"]
+
+
+def test_bm25_without_bm25s_is_one_line(monkeypatch):
+    import sys
+
+    from cli import UserError
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # as if not installed
+    with pytest.raises(UserError, match="BM25, the lexical baseline: bm25s not installed. Fix: pip install bm25s"):
+        retrieval.BM25(["how do I learn python", "what is python"])

@@ -5,6 +5,7 @@ database, index.py --fold, refusals at start, and the web page in a real headles
 import importlib.util
 import json
 import os
+import sys
 import shutil
 import threading
 import time
@@ -560,12 +561,20 @@ def test_runtime_onnx_refusals_come_before_anything_loads(fresh_index, capsys, m
     err = run_bad(serve.main, [fresh_index, "--runtime", "onnx", "--device", "cuda"], capsys)
     assert "--runtime onnx with --device cuda: it runs the encoder on the CPU" in err
     auto, cpu = serve.ServeConfig(index=fresh_index), engine.setup_runtime("cpu")
-    monkeypatch.setattr(retrieval, "onnx_missing", lambda: [])
-    assert serve.encoder_runtime(auto, cpu) == "onnx"
-    monkeypatch.setattr(retrieval, "onnx_missing", lambda: ["onnxruntime"])
+    with monkeypatch.context() as m:
+        m.setattr(retrieval, "onnx_missing", lambda: [])
+        assert serve.encoder_runtime(auto, cpu) == "onnx"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: find_spec gives None
     err = run_bad(serve.main, [fresh_index, "--runtime", "onnx"], capsys)
     assert "--runtime onnx: onnxruntime not installed" in err and "pip install onnxruntime" in err
     assert serve.encoder_runtime(auto, cpu) == "torch"
+
+
+@pytest.mark.parametrize("package", ["fastapi", "uvicorn"])
+def test_serve_without_its_web_packages_is_one_line(fresh_index, capsys, monkeypatch, package):
+    monkeypatch.setitem(sys.modules, package, None)
+    err = run_bad(serve.main, [fresh_index], capsys)
+    assert f"serve.py: {package} not installed" in err and f"pip install {package}" in err
 
 
 def test_encoder_batch_size_cuts_a_batch_into_calls_with_the_same_answers(fresh_index, built, monkeypatch):
