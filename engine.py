@@ -119,10 +119,14 @@ def setup_runtime(device="auto", precision="auto", distributed=False, file=None)
     stdout by default). distributed: join the torchrun process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
     rank, local_rank = 0, 0
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, local_rank = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     dev = parse_device(device)
+    if world > 1:
+        if dev.type == "cuda" and dev.index is not None:
+            raise UserError(f"--device {device} under torchrun: each process takes the GPU of its LOCAL_RANK",
+                            "pass --device cuda (or auto); choose GPUs with CUDA_VISIBLE_DEVICES")
+        # the backend of the device the processes compute on (NCCL cannot reduce CPU tensors)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        rank, local_rank = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     amp_dtype = parse_precision(dev, precision)
     attention = "sdpa (PyTorch picks the kernel)"
     if dev.type == "cuda":
@@ -161,6 +165,16 @@ def build_optimizer(model, lr, weight_decay, rt, encoder_lr=0.0):
                    {"params": [p for p in params if id(p) in own_lr and p.ndim < 2], "weight_decay": 0.0,
                     "lr": encoder_lr}]
     return torch.optim.AdamW(groups, lr=lr, fused=rt.cuda)
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping the update kernel build_optimizer chose for this
+    device: load_state_dict takes every group setting from the file, so a run saved on a CPU would
+    lose the fused CUDA update when resumed on a GPU, and one saved on a GPU would take it to a CPU."""
+    kernel = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernel):
+        group.update(chosen)
 
 
 def build_scheduler(optimizer, total_steps, warmup_ratio):
@@ -319,7 +333,8 @@ def rng_state():
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                        "has_gauss": has_gauss, "gauss": gauss}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's GPU only: a run resumes on a machine that may see fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -328,8 +343,12 @@ def set_rng_state(state):
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # saved before 2026-12-01: one state per GPU the saver saw
+        i = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = cuda[i] if i < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def seed_everything(seed):

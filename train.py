@@ -236,9 +236,10 @@ def fit(cfg, given, rt, held):
     progress = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "bad_evals": 0}
     if state is not None:
         raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        engine.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty where nothing was scaled (fp32, bf16): a fresh scaler is right
+            scaler.load_state_dict(state["scaler"])
         progress = {k: state[k] for k in progress}
         engine.set_rng_state(state["rng"])
     say(summary(cfg, rt, raw_model, manifest, len(train_ds), len(val_ds), steps_per_epoch, total_steps,

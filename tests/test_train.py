@@ -295,6 +295,77 @@ def test_a_run_saved_before_the_cosine_prior_resumes_without_one(tmp_path, tiny_
     assert set(train.TRAIN_SAVED_BEFORE) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
 
 
+def test_resume_on_another_machine_keeps_this_ones_scaler_and_update(tmp_path, tiny_data, tiny_bert_dir, capsys,
+                                                                     monkeypatch):
+    """A run saved where nothing was scaled (fp32 here; bf16 likewise) resumes where --precision
+    auto means fp16 (a T4, a V100): the empty scaler state is not loaded (it would raise), the
+    scaler starts fresh; and the optimizer keeps the update kernel chosen for this machine (here
+    fused, as on CUDA), not the saved one."""
+    import engine
+    out = str(tmp_path / "run")
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", out]
+    assert train_here([*common, "--max_steps", "3"], capsys)[0] == 0
+    assert torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["scaler"] == {}
+    parse = engine.parse_precision
+    monkeypatch.setattr(engine, "parse_precision",
+                        lambda device, name: torch.float16 if name == "auto" else parse(device, name))
+    build, optimizers = engine.build_optimizer, []
+
+    def fused_like_cuda(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        for group in optimizer.param_groups:
+            group["fused"] = True  # what build_optimizer picks on CUDA (fused AdamW runs on a CPU too)
+        optimizers.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(engine, "build_optimizer", fused_like_cuda)
+    code, printed, err = train_here(["--out_dir", out, "--resume", "--max_steps", "5"], capsys)
+    assert code == 0, err[-2000:]
+    assert "precision fp16" in printed and read_metrics(out)[-1]["step"] == 5
+    assert all(group["fused"] for group in optimizers[0].param_groups)
+    assert torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["scaler"]  # scaled now
+
+
+def test_cuda_rng_state_is_this_gpus_and_old_lists_resume(monkeypatch):
+    """rng_state saves this process's GPU's generator only (a run saved on an 8-GPU node resumes
+    on a 1-GPU machine); a state saved before, one per GPU the saver saw, restores the entry of this
+    process's GPU. CUDA's generator functions are stood in for on the CPU."""
+    import engine
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: calls.setdefault("set", state))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's state restored"))
+    state = engine.rng_state()
+    assert state["cuda"].tolist() == [7]
+    engine.set_rng_state(state)
+    assert calls.pop("set").tolist() == [7]
+    state["cuda"] = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]  # saved on an 8-GPU node
+    engine.set_rng_state(state)
+    assert calls.pop("set").tolist() == [0]
+
+
+def test_torchrun_backend_follows_the_device_and_a_gpu_index_is_refused(monkeypatch):
+    """Under torchrun the process group's backend is the computing device's (gloo for --device cpu
+    on a GPU machine: NCCL cannot reduce CPU tensors); --device cuda:1 would put every process on
+    one GPU while DDP takes each one's LOCAL_RANK, so it is refused. A GPU machine stood in for."""
+    import engine
+    from cli import UserError
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    rt = engine.setup_runtime("cpu", distributed=True)
+    assert backends == ["gloo"] and rt.world == 2 and rt.device.type == "cpu"
+    with pytest.raises(UserError, match="--device cuda:1 under torchrun: each process takes the GPU of its"):
+        engine.setup_runtime("cuda:1", distributed=True)
+    assert backends == ["gloo"]  # refused before joining a group
+
+
 def test_encoder_lr_trains_the_encoder_at_its_own_rate(tmp_path, tiny_data, tiny_bert_dir, capsys):
     """--encoder_lr: the encoder's parameter groups peak at it, the head's at --lr (here the encoder
     barely moves while the head does); without it, the two groups of runs saved before it."""
