@@ -33,7 +33,8 @@ COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 SHAPES = ("auto", "exact", "packed")
 # The flags every script that batches shares (help texts here: one vocabulary across scripts).
 SHAPES_HELP = "batches; auto: packed on CUDA (a few fixed shapes), exact on CPU (least padding)"
-COMPILE_HELP = "torch.compile; auto: CUDA graphs (reduce-overhead) on one GPU, default under DDP, off on CPU"
+COMPILE_HELP = ("torch.compile; auto: CUDA graphs (reduce-overhead) on one GPU with packed batches, default under "
+                "DDP or with exact batches, off on CPU")
 
 
 @dataclass
@@ -198,18 +199,19 @@ def batch_layout(rt, shapes="auto"):
     return shapes == "packed" or (shapes == "auto" and rt.cuda)
 
 
-def resolve_compile(mode, rt, grad_accum_steps=1):
-    """'auto' -> what is fast here: CUDA graphs (reduce-overhead) on one GPU, plain compile under
-    DDP or with gradient accumulation (a captured graph's outputs are overwritten by the next
-    replay, and accumulated gradients would alias them), off on the CPU (compile time outweighs
-    the gain on a few cores)."""
+def resolve_compile(mode, rt, grad_accum_steps=1, *, packed):
+    """'auto' -> what is fast here: CUDA graphs (reduce-overhead) on one GPU with packed batches,
+    plain compile under DDP or with gradient accumulation (a captured graph's outputs are
+    overwritten by the next replay, and accumulated gradients would alias them) or with exact
+    batches (every group's rows and length make a shape: CUDA graphs would record hundreds), off
+    on the CPU (compile time outweighs the gain on a few cores)."""
     if mode not in COMPILE_MODES:
         raise UserError(f"--compile {mode}: unknown", f"use one of {', '.join(COMPILE_MODES)}")
     if mode != "auto":
         return mode
     if not rt.cuda:
         return "off"
-    return "reduce-overhead" if rt.world == 1 and grad_accum_steps == 1 else "default"
+    return "reduce-overhead" if rt.world == 1 and grad_accum_steps == 1 and packed else "default"
 
 
 def compiled(fn, compile_mode):
@@ -407,7 +409,7 @@ class Inference:
                  group=64, unit=None):
         self.fn, self.layout, self.rt, self.batch_size = fn, layout, rt, batch_size
         self.packed = batch_layout(rt, shapes)
-        self.compile_mode = resolve_compile(compile, rt)
+        self.compile_mode = resolve_compile(compile, rt, packed=self.packed)
         self.auto_compile = compile == "auto"
         self.num_workers, self.max_len, self.group = num_workers, max_len, group
         self.unit = unit or ("question" if layout == "questions" else "pair")

@@ -270,7 +270,7 @@ def ours_train(ws, warm_rows, timed_rows):
     of timed_rows after one of warm_rows (compilation and CUDA graph capture happen there)."""
     cfg, plan, rt = ws.cfg, ws.plan, ws.rt
     tc, raw = ws.recipe, ws.models["ours"]
-    compile_mode = engine.resolve_compile("auto", rt)
+    compile_mode = engine.resolve_compile("auto", rt, packed=ws.packed)
     model = engine.prepare_model(raw, rt, compile_mode)
     optimizer = engine.build_optimizer(raw, tc.lr, tc.weight_decay, rt)
     scheduler = engine.build_scheduler(optimizer, plan.warmup_steps + plan.train_steps, tc.warmup_ratio)

@@ -149,7 +149,8 @@ def build(cfg):
     # A long-running service amortizes a compile: resolved here (auto -> CUDA graphs on one GPU), not
     # left to Inference's per-job rule, which runs short jobs (all of a service's) eagerly.
     batch_size = cfg.batch_size or retrieval.encoder_batch_size(runtime, cfg.max_batch)
-    inference = retrieval.question_inference(qe, rt, batch_size, cfg.shapes, engine.resolve_compile(cfg.compile, rt))
+    compile_mode = engine.resolve_compile(cfg.compile, rt, packed=engine.batch_layout(rt, cfg.shapes))
+    inference = retrieval.question_inference(qe, rt, batch_size, cfg.shapes, compile_mode)
     live = service.LiveIndex(index, rt.device, cfg.ann, cfg.nprobe)
     work = service.Service(qe, rt, inference, live, store, threshold, threshold_source, cfg.rerank_depth)
     batcher = service.Batcher(work.work, cfg.max_batch, cfg.max_wait_ms, workers)

@@ -219,7 +219,7 @@ def fit(cfg, given, rt, held):
     raw_model.to(rt.device)
     # The pretrained encoder, before any step (or last.pt) moves it: what --wise_alpha mixes back in.
     pretrained = pretrained_weights(raw_model.encoder) if shipped_alpha(cfg) < 1 else None
-    compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps)
+    compile_mode = engine.resolve_compile(cfg.compile, rt, cfg.grad_accum_steps, packed=packed)
     model = engine.prepare_model(raw_model, rt, compile_mode)  # what checkpoints hold: raw_model
     optimizer = engine.build_optimizer(raw_model, cfg.lr, cfg.weight_decay, rt, cfg.encoder_lr)
     loss_fn = partial(objectives.batch_loss, objective=objective, teacher_probs=teacher_probs)

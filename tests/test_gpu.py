@@ -46,7 +46,7 @@ def test_compiled_bf16_step_matches_the_cpu_step(tiny_data):
     rt = engine.setup_runtime("cuda", "bf16")
     cpu = engine.Runtime(device=torch.device("cpu"))
     gpu_model.to(rt.device)
-    compiled = engine.prepare_model(gpu_model, rt, engine.resolve_compile("auto", rt))
+    compiled = engine.prepare_model(gpu_model, rt, engine.resolve_compile("auto", rt, packed=True))
     ds = PairDataset(tiny_data, "train")
     items = [ds[i] for i in range(16)]  # the same pairs, exact on the CPU, packed on the GPU
     losses = {}

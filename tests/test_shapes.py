@@ -146,3 +146,20 @@ def test_training_and_scoring_compile_over_an_epoch_of_real_shapes(tmp_path, tin
     assert not breaks, breaks
     assert len(recompiles) <= 1, recompiles
     assert os.path.isfile(tmp_path / "run" / "test_results.json")
+
+
+def test_auto_compile_records_cuda_graphs_only_for_packed_batches_on_one_gpu():
+    """--compile auto: CUDA graphs where the shapes are few (packed batches, one GPU, one micro-batch
+    a step); plain compile for exact batches (a shape per group's rows and length: hundreds of graph
+    recordings), under DDP or with accumulation; off on the CPU; an explicit mode as given."""
+    import engine
+    gpu, cpu = engine.Runtime(device=torch.device("cuda")), engine.Runtime(device=torch.device("cpu"))
+    ddp = engine.Runtime(device=torch.device("cuda"), world=2)
+    assert engine.resolve_compile("auto", gpu, packed=True) == "reduce-overhead"
+    assert engine.resolve_compile("auto", gpu, packed=False) == "default"
+    assert engine.resolve_compile("auto", gpu, 2, packed=True) == "default"
+    assert engine.resolve_compile("auto", ddp, packed=True) == "default"
+    assert engine.resolve_compile("auto", cpu, packed=True) == "off"
+    assert engine.resolve_compile("reduce-overhead", gpu, packed=False) == "reduce-overhead"
+    assert engine.Inference(None, "siamese", gpu, 8, shapes="exact").compile_mode == "default"
+    assert engine.Inference(None, "siamese", gpu, 8).compile_mode == "reduce-overhead"  # auto: packed on CUDA

@@ -527,9 +527,10 @@ def probe(cfg):
     check_out_file(cfg.out, inputs=(cfg.data,), overwrite=True, example="gpu_probe.json")
     rt = engine.setup_runtime(cfg.device, cfg.precision)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # as bench.py: silences the fork warning
+    packed = engine.batch_layout(rt, cfg.shapes)
     plan = Plan(encoder=cfg.encoder, tokenizer=BUNDLED_MODEL,  # both encoders use the bundled vocabulary
                 num_workers=cfg.num_workers if cfg.num_workers >= 0 else 2 if rt.cuda else 0,
-                packed=engine.batch_layout(rt, cfg.shapes), compile_mode=engine.resolve_compile(cfg.compile, rt))
+                packed=packed, compile_mode=engine.resolve_compile(cfg.compile, rt, packed=packed))
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine_info(rt), "versions": versions(),
               "git": git_commit(),
               "settings": {**asdict(cfg), "resolved": asdict(plan), "device": str(rt.device),
