@@ -166,11 +166,22 @@ def check_out_dir(out_dir, inputs=(), what="a data folder", writer="preprocess.p
             raise UserError(f"--out_dir {out_dir} is, holds or lies in an input ({p})", "pass a folder of its own")
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file", f"pass a folder path (new or written by {writer})")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and \
-            not os.path.isfile(os.path.join(out_dir, "manifest.json")):
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if not os.path.isfile(os.path.join(out_dir, "manifest.json")):
         raise UserError(f"--out_dir {out_dir} holds other files and no manifest.json, so it is not "
                         f"{what} {writer} wrote, and rebuilding would replace it",
                         "pass a new or empty folder")
+    try:  # files its manifest does not list were put there by someone else: replacing would delete them
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            listed = set(json.load(f).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged folder of ours (rebuilding it is the fix its loaders give)
+    foreign = sorted(set(os.listdir(out_dir)) - listed - {"manifest.json"})
+    if foreign:
+        raise UserError(f"--out_dir {out_dir} holds files that {writer} did not write ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}), and rebuilding would delete them",
+                        "move them out of the folder, or pass another --out_dir")
 
 
 def load_manifest(data_dir, verify="size"):

@@ -150,6 +150,7 @@ def check_config(cfg):
                             "are embedded already, by the index's own model")
         if retrieval.read_index_manifest(cfg.out_dir) is None:
             raise UserError(f"--out_dir {cfg.out_dir}: not an index folder", "pass the index serve.py served")
+        check_out_dir(cfg.out_dir, what="an index", writer="index.py")  # the fold writes it anew
         check_writable(cfg.out_dir)
         return
     if bool(cfg.checkpoint) == bool(cfg.encoder):

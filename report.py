@@ -20,9 +20,11 @@ from cli import UserError
 from data import check_writable, fingerprint
 
 # Every file a results folder holds: report_datasets' scores and plots, write_results' results.json,
-# evaluate.py's rejects.tsv. A folder with anything else in it is not a results folder.
-RESULT_FILE = re.compile(r"results\.json|rejects\.tsv|scores_.+\.npz"
+# evaluate.py's rejects.tsv, search.py's per_query.csv and speed.json (--speed's results). A folder
+# with anything else in it is not a results folder.
+RESULT_FILE = re.compile(r"results\.json|speed\.json|rejects\.tsv|per_query\.csv|scores_.+\.npz"
                          r"|.+_(pr_curve|roc_curve|confusion_matrix|score_histogram)\.png")
+FINISHED = ("results.json", "speed.json")  # written last, by a run that finished: what names it
 
 
 def data_id(manifest):
@@ -33,8 +35,8 @@ def data_id(manifest):
 def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
     """Before any work: out_dir can take this run's results. It must be writable, no input, in
     none and holding none, hold nothing but results files, and hold no results of another run
-    (this_run: the results.json fields that identify a run, e.g. script, model and input; a re-run
-    of the same run replaces its own). overwrite lets another run's results go: they are deleted
+    (this_run: the fields of its results.json or speed.json that identify a run, e.g. script, model
+    and input; a re-run of the same run replaces its own). overwrite lets another run's results go: they are deleted
     here, so that a folder never mixes two runs' files."""
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new, or one holding this run's "
@@ -51,22 +53,23 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
     if foreign:
         raise UserError(f"--out_dir {out_dir} holds files that are not results ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''})", "pass a new or empty --out_dir")
-    if "results.json" not in names:
-        return  # empty, or the files of a run cut short: nothing finished to lose
-    try:
-        with open(os.path.join(out_dir, "results.json")) as f:
-            earlier = json.load(f)
-    except (OSError, ValueError):
-        earlier = {}
-    earlier = earlier if isinstance(earlier, dict) else {}
-    if {k: earlier.get(k) for k in this_run} == this_run:
+    for name in (n for n in FINISHED if n in names):  # none: empty, or a run cut short: nothing to lose
+        try:
+            with open(os.path.join(out_dir, name)) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = {}
+        earlier = earlier if isinstance(earlier, dict) else {}
+        if {k: earlier.get(k) for k in this_run} != this_run:
+            break
+    else:
         return
     if not overwrite:
-        model = earlier.get("checkpoint") or earlier.get("encoder") or "unknown"
+        model = earlier.get("checkpoint") or earlier.get("encoder") or earlier.get("index") or "unknown"
+        split = f" on {earlier['split']}" if earlier.get("split") else ""
         where = f" of {earlier['data_dir']}" if earlier.get("data_dir") else ""
         raise UserError(f"--out_dir {out_dir} holds the results of another run ({earlier.get('script')} of "
-                        f"{model} on {earlier.get('split')}{where})", "pass another --out_dir, or --overwrite to "
-                        "replace them")
+                        f"{model}{split}{where})", "pass another --out_dir, or --overwrite to replace them")
     for name in names:
         os.remove(os.path.join(out_dir, name))
 

@@ -44,6 +44,7 @@ from typing import Literal
 import numpy as np
 
 import engine
+import report
 import retrieval
 from cli import UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable
@@ -65,7 +66,7 @@ class SearchConfig:
     query: str = arg("", "one question, in quotes")
     queries: str = arg("", "many questions: a CSV/TSV with a question column, a .txt, or a pairs file")
     out: str = arg("search_results.csv", "where --queries results go (never over an input or an existing file)")
-    overwrite: bool = arg(False, "replace an existing --out file")
+    overwrite: bool = arg(False, "replace an existing --out file, or another run's results in --out_dir")
     eval: str = arg("", "the retrieval benchmark on this data folder (the index must be of this folder)")
     split: Literal[EVAL_SPLITS] = arg("test", "--eval: the split whose questions are the queries (validation: "
                                       "to choose a model; test: to report it, once)")
@@ -151,14 +152,8 @@ def check_config(cfg):
             raise UserError(f"--out {cfg.out}: {cfg.out}.rejects.tsv exists (an earlier run's rejected rows)",
                             "pass --overwrite to replace both, or another --out")
         check_writable(cfg.out, "--out")
-    if cfg.eval or cfg.speed:
-        out_dir = os.path.realpath(cfg.out_dir or results_dir(cfg))
-        if any(out_dir == p or out_dir.startswith(p + os.sep) for p in inputs):
-            raise UserError(f"--out_dir {out_dir} is or lies in an input: writing would change it",
-                            "pass another --out_dir")
-        if os.path.isfile(out_dir):
-            raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path")
-        check_writable(out_dir, "--out_dir")
+    if cfg.eval or cfg.speed:  # a folder of its own: no input, nothing else's, no other run's results
+        report.check_results_dir(cfg.out_dir or results_dir(cfg), this_run(cfg), cfg.overwrite, inputs)
 
 
 def check_k(k, corpus):
@@ -224,11 +219,21 @@ def system_label(cfg, index):
     return label + (f" + classifier rerank of the top {cfg.rerank_depth}" if cfg.rerank else "")
 
 
-def results_dir(cfg):
+def run_tag(cfg):
     tag = "speed" if cfg.speed else "bm25" if cfg.bm25 else "ann" if cfg.ann else "exact"
     tag += "_rerank" if cfg.rerank and not cfg.speed else ""
-    tag += "_validation" if cfg.eval and cfg.split == "validation" else ""  # test's folder keeps its name
-    return os.path.join("runs", "search", f"{os.path.basename(os.path.normpath(cfg.index))}_{tag}")
+    return tag + ("_validation" if cfg.eval and cfg.split == "validation" else "")  # test's keeps its name
+
+
+def results_dir(cfg):
+    return os.path.join("runs", "search", f"{os.path.basename(os.path.normpath(cfg.index))}_{run_tag(cfg)}")
+
+
+def this_run(cfg):
+    """What names an --eval or --speed run in its results.json / speed.json: a folder holding another
+    run's is refused (report.check_results_dir), a re-run replaces its own."""
+    return {"script": "search.py", "run": run_tag(cfg), "index": os.path.abspath(cfg.index),
+            "data_dir": os.path.abspath(cfg.eval) if cfg.eval else None}
 
 
 def evaluate(cfg, index, qe, rt):
@@ -242,8 +247,7 @@ def evaluate(cfg, index, qe, rt):
     label = system_label(cfg, index)
     out_dir = cfg.out_dir or results_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    results = {"script": "search.py", "system": label, "config": asdict(cfg), "index": os.path.abspath(cfg.index),
-               "model": index.manifest["model"], "data_dir": os.path.abspath(cfg.eval),
+    results = {**this_run(cfg), "system": label, "config": asdict(cfg), "model": index.manifest["model"],
                "split": cfg.split,
                "protocol": f"queries: {cfg.split} questions with a labelled duplicate in the {cfg.split} split; "
                            f"relevant: their duplicates (transitive closure of the {cfg.split} positives); corpus: "
@@ -252,13 +256,13 @@ def evaluate(cfg, index, qe, rt):
                "relevant_per_query": float(np.mean([len(r) for r in relevant])),
                "metrics": metrics, "ann_recall_at_k_vs_exact": ann_recall,
                "ann": index.manifest.get("ann") if cfg.ann else None}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     with open(os.path.join(out_dir, "per_query.csv"), "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)  # for error analysis: which queries miss their duplicates
         w.writerow(["row", "id", "relevant", *per_query, "question"])
         for i, q in enumerate(queries.tolist()):
             w.writerow([q, ids[q], len(relevant[i]), *(f"{v[i]:.4g}" for v in per_query.values()), texts[q]])
+    with open(os.path.join(out_dir, "results.json"), "w") as f:  # last: a folder with it holds a finished run
+        json.dump(results, f, indent=1)
     print(f"retrieval benchmark of {cfg.eval}, {cfg.split} split: {len(queries):,} queries, "
           f"{results['relevant_per_query']:.2f} "
           f"relevant each on average, corpus {results['corpus']:,} questions"
@@ -284,7 +288,7 @@ def speed(cfg, index, rt):
     out_dir = cfg.out_dir or results_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "speed.json"), "w") as f:
-        json.dump({"index": os.path.abspath(cfg.index), **result}, f, indent=1)
+        json.dump({**this_run(cfg), **result}, f, indent=1)
     ex, ann = result["exact"], result["ann"]
     print(f"{len(index):,} vectors, top {cfg.k}, {rt.device}: exact {ex['single_p50_ms']:.1f} / "
           f"{ex['single_p95_ms']:.1f} ms p50/p95 one query at a time, {ex['batched_p50_ms']:.2f} / "

@@ -3,6 +3,7 @@ the benchmark's queries and answers, --add against a rebuild, and bad inputs."""
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -336,11 +337,53 @@ def test_index_refuses_to_write_over_its_input_or_foreign_folders(folder, tmp_pa
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     assert "holds other files" in run_bad(index.main, [ckpt, data, "--out_dir", str(foreign)], capsys)
+    # An index folder with a file index.py did not write: --add, --rebuild and --fold would delete it.
+    mine = tmp_path / "mine"
+    shutil.copytree(folder["index"], mine)
+    (mine / "notes.txt").write_text("mine")
+    more = write_lines(tmp_path / "more_q.txt", ["Is chess hard?"])
+    for argv in ([ckpt, more, "--out_dir", str(mine), "--add"], [ckpt, data, "--out_dir", str(mine), "--rebuild"],
+                 ["--out_dir", str(mine), "--fold"]):
+        err = run_bad(index.main, argv, capsys)
+        assert "holds files that index.py did not write (notes.txt)" in err
+    assert (mine / "notes.txt").read_text() == "mine"
     other_input = write_lines(tmp_path / "more.txt", ["Is chess hard?"])
     err = run_bad(index.main, [ckpt, other_input, "--out_dir", folder["index"]], capsys)
     assert "not " + other_input in err and "--add" in err
     cross = make_checkpoint(tmp_path / "cross" / "ckpt.pt", data, arch="cross")
     assert "cross-encoder" in run_bad(index.main, [cross, data, "--out_dir", str(tmp_path / "x")], capsys)
+
+
+def test_eval_and_speed_results_never_replace_another_runs(folder, tmp_path, capsys):
+    """search.py --eval / --speed write into a folder of their own: evaluate.py's results, another
+    search's, or files that are not results are refused (--overwrite replaces other results);
+    a re-run of the same search replaces its own."""
+    import evaluate
+    idx, data = folder["index"], folder["data"]
+    evaluated = str(tmp_path / "evaluated")
+    evaluate.main([folder["ckpt"], "--out_dir", evaluated])
+    capsys.readouterr()
+    before = (tmp_path / "evaluated" / "results.json").read_text()
+    err = run_bad(search.main, [idx, "--eval", data, "--out_dir", evaluated], capsys)
+    assert "holds the results of another run (evaluate.py of" in err and "--overwrite" in err
+    assert (tmp_path / "evaluated" / "results.json").read_text() == before
+
+    out = str(tmp_path / "search")
+    search.main([idx, "--eval", data, "--out_dir", out])
+    search.main([idx, "--eval", data, "--out_dir", out])  # the same run again: its own results replaced
+    capsys.readouterr()
+    for other in (["--eval", data, "--bm25"], ["--speed"]):
+        err = run_bad(search.main, [idx, *other, "--out_dir", out], capsys)
+        assert "holds the results of another run (search.py of" in err
+    search.main([idx, "--speed", "--out_dir", out, "--overwrite"])
+    assert sorted(os.listdir(out)) == ["speed.json"]
+    assert json.loads((tmp_path / "search" / "speed.json").read_text())["run"] == "speed"
+    capsys.readouterr()
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    err = run_bad(search.main, [idx, "--speed", "--out_dir", str(tmp_path / "notes"), "--overwrite"], capsys)
+    assert "holds files that are not results (notes.txt)" in err
 
 
 def test_damaged_index_is_reported(folder, tmp_path, capsys):
