@@ -157,13 +157,18 @@ class FolderLock:
         self.file.close()  # releases the flock
 
 
-def check_out_dir(out_dir, inputs=(), what="a data folder", writer="preprocess.py"):
-    """out_dir may be new, empty, or a folder of `what` that `writer` wrote (it will be replaced,
-    so it must not be, hold or lie in one of the inputs)."""
+def check_apart_from_inputs(out_dir, inputs):
+    """An output folder that is, holds or lies in an input would change or delete it."""
     out = os.path.realpath(out_dir)
     for p in (os.path.realpath(p) for p in inputs if p):
         if out == p or p.startswith(out + os.sep) or out.startswith(p + os.sep):
             raise UserError(f"--out_dir {out_dir} is, holds or lies in an input ({p})", "pass a folder of its own")
+
+
+def check_out_dir(out_dir, inputs=(), what="a data folder", writer="preprocess.py"):
+    """out_dir may be new, empty, or a folder of `what` that `writer` wrote (it will be replaced,
+    so it must not be, hold or lie in one of the inputs)."""
+    check_apart_from_inputs(out_dir, inputs)
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file", f"pass a folder path (new or written by {writer})")
     if not os.path.isdir(out_dir) or not os.listdir(out_dir):

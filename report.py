@@ -17,7 +17,7 @@ import numpy as np
 
 import metrics
 from cli import UserError
-from data import check_writable, fingerprint
+from data import check_apart_from_inputs, check_writable, fingerprint
 
 # Every file a results folder holds: report_datasets' scores and plots, write_results' results.json,
 # evaluate.py's rejects.tsv, search.py's per_query.csv and speed.json (--speed's results). A folder
@@ -42,10 +42,7 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
         raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new, or one holding this run's "
                         "results)")
     check_writable(out_dir)
-    out = os.path.realpath(out_dir)
-    for p in (os.path.realpath(p) for p in inputs if p):
-        if out == p or p.startswith(out + os.sep) or out.startswith(p + os.sep):
-            raise UserError(f"--out_dir {out_dir} is, holds or lies in an input ({p})", "pass a folder of its own")
+    check_apart_from_inputs(out_dir, inputs)
     if not os.path.isdir(out_dir):
         return
     names = sorted(os.listdir(out_dir))

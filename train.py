@@ -55,7 +55,8 @@ import distill
 import engine
 import objectives
 from cli import UserError, arg, check_ranges, given_flags, interval, parse_config, run
-from data import FolderLock, PairDataset, check_writable, fingerprint, make_loader, shapes_of, to_device
+from data import (FolderLock, PairDataset, check_apart_from_inputs, check_writable, fingerprint, make_loader,
+                  shapes_of, to_device)
 from metrics import compute_metrics, format_report, json_safe
 from model import (SAVED_BEFORE, ModelConfig, build_model, check_positions, export_hf, interpolated,
                    load_checkpoint, pretrained_weights, save_checkpoint)
@@ -175,7 +176,7 @@ class Stopped(Exception):
 def train(cfg, given=()):
     """Every flag and the output place checked, then the run, holding --out_dir for its life."""
     check_config(cfg)
-    check_output(cfg.out_dir)
+    check_output(cfg)
     rt = engine.setup_runtime(cfg.device, cfg.precision, distributed=True)
     with ExitStack() as held:  # the lock and the signal handlers go back however the run ends
         hold_out_dir(held, cfg.out_dir, rt)
@@ -208,6 +209,8 @@ def fit(cfg, given, rt, held):
     check_vocab(manifest, vocab_hash(tokenizer), cfg.encoder, cfg.data_dir)
     model_cfg = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)})
     check_positions(model_cfg, manifest["max_len"], cfg.data_dir)  # before a run that would fail on a long question
+    if state is None:
+        start_fresh(cfg, rt, say)  # the inputs are good: an earlier run in out_dir may go now
     packed = engine.batch_layout(rt, cfg.shapes)
     objective = Objective(**{f.name: getattr(cfg, f.name) for f in fields(Objective)})
     train_loader, sampler = make_loader(train_ds, cfg.arch, cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -349,10 +352,17 @@ def check_config(cfg):
                         "pick one")
 
 
-def check_output(out_dir):
-    """--out_dir can be written (a folder, or a new one where folders can be made), before any work."""
+def check_output(cfg):
+    """--out_dir can be written (a folder, or a new one where folders can be made), apart from every
+    input, and is no data or index folder (a run there would mix its files into one), before any work."""
+    out_dir = cfg.out_dir
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path")
+    check_apart_from_inputs(out_dir, (cfg.data_dir, cfg.teacher_file, cfg.encoder if os.path.exists(cfg.encoder)
+                                      else ""))
+    if os.path.isfile(os.path.join(out_dir, "manifest.json")):
+        raise UserError(f"--out_dir {out_dir} holds a manifest.json: a data or index folder, not a run's",
+                        "pass a folder of its own")
     check_writable(out_dir)
 
 
@@ -373,6 +383,25 @@ def hold_out_dir(held, out_dir, rt):
         sys.exit(2)
 
 
+def earlier_run(out_dir):
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+
+
+def start_fresh(cfg, rt, say):
+    """A new run's out_dir: the earlier run deleted (--overwrite_output_dir), only now that every
+    input has been checked, so that a typo in a flag never costs the run it would replace."""
+    earlier = earlier_run(cfg.out_dir)
+    if earlier and rt.master:
+        say(f"note: --overwrite_output_dir: deleting the earlier run in {cfg.out_dir} ({', '.join(earlier)})")
+        for f in earlier:
+            path = os.path.join(cfg.out_dir, f)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if rt.world > 1:
+        torch.distributed.barrier()  # no process may see the old files after this
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+
+
 def check_validation_classes(val_ds, cfg, say):
     """One class in the validation labels: ROC-AUC and average precision are undefined (null in
     metrics.jsonl), so they cannot pick checkpoints; the other metrics still can. Said once."""
@@ -389,25 +418,15 @@ def check_validation_classes(val_ds, cfg, say):
 
 def start_or_resume(cfg, given, rt, say):
     """(config, saved state or None). A new run needs an out_dir without an earlier run (or
-    --overwrite_output_dir, which deletes it); --resume takes the saved config, applies the flags
-    that may change, and refuses the ones that may not."""
+    --overwrite_output_dir: start_fresh deletes it once the inputs are checked); --resume takes
+    the saved config, applies the flags that may change, and refuses the ones that may not."""
     last_path = os.path.join(cfg.out_dir, "last.pt")
     if not cfg.resume:
-        earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+        earlier = earlier_run(cfg.out_dir)
         if earlier and not cfg.overwrite_output_dir:
             raise UserError(f"{cfg.out_dir} holds an earlier run ({', '.join(earlier)})",
                             "continue it with --resume, start over with --overwrite_output_dir, "
                             "or pass another --out_dir")
-        if earlier and rt.master:
-            say(f"note: --overwrite_output_dir: deleting the earlier run in {cfg.out_dir} "
-                f"({', '.join(earlier)})")
-            for f in earlier:
-                path = os.path.join(cfg.out_dir, f)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if rt.world > 1:
-            torch.distributed.barrier()  # no process may see the old files after this
-        if rt.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
         return cfg, None
     if not os.path.exists(last_path):
         raise UserError(f"--resume: {last_path} does not exist", "run without --resume to start, or "

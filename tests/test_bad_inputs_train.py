@@ -58,6 +58,36 @@ def test_a_held_out_dir_is_refused_before_anything_in_it_is_touched(tmp_path, ti
         pass
 
 
+def test_overwrite_output_dir_deletes_the_earlier_run_only_once_the_inputs_are_good(tmp_path, tiny_data,
+                                                                                    tiny_bert_dir, capsys):
+    """A typo in --data_dir or --encoder with --overwrite_output_dir is one line, and the earlier run
+    is still there; with good inputs it goes."""
+    out = tmp_path / "out"
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", str(out), "--max_steps", "1"]
+    assert train_here(common, capsys)[0] == 0
+    before = (out / "ckpt.pt").read_bytes()
+    for typo in (["--data_dir", str(tmp_path / "nope")], ["--encoder", str(tmp_path / "no_encoder")]):
+        line = one_line_error(*train_here([*common, *typo, "--overwrite_output_dir"], capsys)[::2])
+        assert "nope" in line or "no_encoder" in line, line
+        assert (out / "ckpt.pt").read_bytes() == before and (out / "last.pt").exists()
+    code, printed, _ = train_here([*common, "--overwrite_output_dir", "--seed", "1"], capsys)
+    assert code == 0 and "deleting the earlier run" in printed
+
+
+def test_an_out_dir_in_or_of_an_input_or_a_data_folder_is_refused(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST]
+    listed = sorted(os.listdir(tiny_data)), sorted(os.listdir(tiny_bert_dir))
+    for out in (tiny_data, os.path.join(tiny_data, "run"), tiny_bert_dir):
+        line = one_line_error(*train_here([*common, "--out_dir", out], capsys)[::2])
+        assert "is, holds or lies in an input" in line, line
+    copy = tmp_path / "copy"  # a data folder, not this run's input: still no place for a run
+    copy.mkdir()
+    (copy / "manifest.json").write_text("{}")
+    line = one_line_error(*train_here([*common, "--out_dir", str(copy)], capsys)[::2])
+    assert "holds a manifest.json: a data or index folder" in line
+    assert (sorted(os.listdir(tiny_data)), sorted(os.listdir(tiny_bert_dir))) == listed  # nothing written
+
+
 # ----------------------------------------------------------------------------- where it writes
 
 def test_an_out_dir_under_a_file_is_refused_before_any_work(tmp_path, capsys):
