@@ -104,7 +104,7 @@ def auto_or(low):
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"batch_size": (lambda v: v >= 1, "at least 1"), "warmup_steps": auto_or(0), "train_steps": auto_or(1),
           "reference_steps": auto_or(1), "data_batches": (lambda v: v >= 1, "at least 1"),
-          "infer_pairs": auto_or(1), "rows": (lambda v: v >= 1000, "at least 1000 (pairs for three splits)"),
+          "infer_pairs": auto_or(1), "rows": (lambda v: 1000 <= v <= 20_000_000, "in [1000, 20,000,000] (three splits; synth_qqp.py's limit)"),
           "notebook_rows": (lambda v: v >= 0, "0 (all) or more"), "num_workers": auto_or(0),
           "e2e_timeout": (lambda v: v >= 1, "at least 1"), "serve_requests": (lambda v: v >= 50, "at least 50"),
           "serve_writes": (lambda v: v >= 1, "at least 1"),

@@ -160,7 +160,7 @@ def summary_metrics(m):
 def save_teacher_file(path, pairs, probs, record):
     """Written whole or not at all: a temp file, then one rename; a failed write (a full disk)
     removes the temp file."""
-    tmp = f"{path}.tmp.npz"
+    tmp = f"{path}.tmp-{os.getpid()}.npz"  # two runs never share one
     try:
         np.savez(tmp, pairs=pairs.astype(np.int64), probs=probs.astype(np.float32),
                  record=np.array(json.dumps({"format": FORMAT, **record})))

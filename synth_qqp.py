@@ -21,7 +21,8 @@ from text import read_pairs
 KAGGLE_REUSE = 1 - 537_933 / 808_580   # share of question slots that reuse an earlier qid
 KAGGLE_POSITIVE = 149_263 / 404_290
 # What each numeric flag may be: (test, the rule in words).
-RANGES = {"rows": (lambda v: v >= 1, "at least 1"), "seed": (lambda v: 0 <= v <= 2 ** 32 - 1, f"in [0, {2 ** 32 - 1}]")}
+RANGES = {"rows": (lambda v: 1 <= v <= 20_000_000, "in [1, 20,000,000] (50x Kaggle's; about 2 GB of memory)"),
+          "seed": (lambda v: 0 <= v <= 2 ** 32 - 1, f"in [0, {2 ** 32 - 1}]")}
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SynthConfig:
     out: str = arg("", "CSV to write")
     rows: int = arg(404_290, "rows to write (Kaggle's train.csv: 404,290)")
     seed: int = arg(0, "random seed")
+    overwrite: bool = arg(False, "replace an existing --out file")
 
 
 def main(argv=None):
@@ -38,7 +40,7 @@ def main(argv=None):
 
 def synthesize(cfg):
     check_ranges(cfg, RANGES)
-    check_out_file(cfg.out, (cfg.source,), overwrite=True, example="synth.csv")  # never over its source
+    check_out_file(cfg.out, (cfg.source,), cfg.overwrite, example="synth.csv")  # never over its source
     check_writable(cfg.out, "--out")
     pairs, _, _ = read_pairs(cfg.source)
     real = sorted(set(pairs["q1"]) | set(pairs["q2"]))
@@ -63,7 +65,7 @@ def synthesize(cfg):
         texts.append(" ".join(words))
         return len(texts)
 
-    tmp = f"{cfg.out}.tmp"  # renamed at the end: a half-written file is never taken for a whole one
+    tmp = f"{cfg.out}.tmp-{os.getpid()}"  # renamed at the end: a half-written file is never taken for a whole one
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)

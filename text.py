@@ -214,7 +214,7 @@ def write_table(path, header, rows, rejects):
     at the end, so an interrupted run leaves nothing half-written, and a failed write (a full
     disk) removes its temp files."""
     side = f"{path}.rejects.tsv"
-    tmp, tmp_side = f"{path}.tmp", f"{side}.tmp"
+    tmp, tmp_side = f"{path}.tmp-{os.getpid()}", f"{side}.tmp-{os.getpid()}"  # two runs never share one
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)

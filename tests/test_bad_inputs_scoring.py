@@ -112,9 +112,10 @@ RANGE_CASES = [
                                 ("num_workers", "-1")]),
     (bench.main, ["--stages", "data"], [("batch_size", "0"), ("warmup_steps", "-2"), ("train_steps", "0"),
                                         ("reference_steps", "-3"), ("data_batches", "0"), ("infer_pairs", "0"),
-                                        ("rows", "10"), ("notebook_rows", "-1"), ("num_workers", "-2"),
+                                        ("rows", "10"), ("rows", "20000001"), ("notebook_rows", "-1"),
+                                        ("num_workers", "-2"),
                                         ("e2e_timeout", "0"), ("seed", "-1")]),
-    (synth_qqp.main, ["src.csv", "out.csv"], [("rows", "0"), ("seed", "-1")]),
+    (synth_qqp.main, ["src.csv", "out.csv"], [("rows", "0"), ("rows", "10000000000000"), ("seed", "-1")]),
 ]
 
 
@@ -225,6 +226,7 @@ def test_unwritable_outputs_are_one_line_before_any_work(ckpt, tiny_data, tiny_b
         (search.main, [indexed, "--speed", "--out_dir", str(ro / "s")], "not writable"),
         (bench.main, ["--stages", "data", "--out", str(ro / "bench.json")], "not writable"),
         (synth_qqp.main, [pairs_csv, str(ro / "s.csv")], "not writable"),
+        (synth_qqp.main, [pairs_csv, str(a_file), "--rows", "10"], "exists. Fix: pass --overwrite"),
     ]
     for entry, argv, message in cases:
         assert message in fails(entry, argv, capsys), (entry.__module__, argv)
