@@ -68,7 +68,11 @@ def baseline(cfg):
     manifest = open_data_dir(cfg.data_dir, vocab_hash(tok), cfg.encoder)
     this_run = {"script": "baseline_cosine.py", "encoder": cfg.encoder, "pooling": cfg.pooling,
                 "input": {"split": cfg.split, "data": report.data_id(manifest)}}
-    report.check_results_dir(cfg.out_dir, this_run, cfg.overwrite, inputs=(cfg.data_dir,))
+    with report.results_folder(cfg.out_dir, this_run, cfg.overwrite, inputs=(cfg.data_dir,)):
+        score_and_report(cfg, manifest, this_run)
+
+
+def score_and_report(cfg, manifest, this_run):
     datasets, validation = open_splits(cfg.data_dir, cfg.split)
     rt = engine.setup_runtime(cfg.device, cfg.precision)
     encoder = Encoder(load_encoder(ModelConfig(encoder=cfg.encoder)), cfg.pooling).to(rt.device).eval()

@@ -89,20 +89,20 @@ def evaluate(cfg):
                 "input": {"csv_sha256": file_sha256(cfg.csv), "data": data_id} if cfg.csv else
                 {"split": cfg.split, "data": data_id}}
     out_dir = cfg.out_dir or default_out_dir(cfg, this_run["input"], own, data_dir)
-    report.check_results_dir(out_dir, this_run, cfg.overwrite, inputs=(cfg.checkpoint, cfg.csv, data_dir))
-    if cfg.csv:
-        datasets, extra = read_csv(cfg, data, out_dir)
-        validation = PairDataset(data_dir, "validation") if data_dir else None
-    else:
-        (datasets, validation), extra = open_splits(data_dir, cfg.split), {}
-    os.makedirs(out_dir, exist_ok=True)
-    model.to(rt.device)
-    scores_of = engine.Inference(model.probability, model.cfg.arch, rt, cfg.batch_size, cfg.shapes, cfg.compile,
-                                 cfg.num_workers, max_len=data["max_len"])
-    thresholds, results = report.report_datasets(scores_of, datasets, validation, {"argmax": 0.5}, out_dir)
-    report.write_results(out_dir, {**this_run, "score": "probability", "config": asdict(cfg),
-                                   "step": ckpt.get("step"), "split": cfg.csv or cfg.split, "data_dir": data_dir,
-                                   **extra, "thresholds": thresholds, "results": results})
+    with report.results_folder(out_dir, this_run, cfg.overwrite, inputs=(cfg.checkpoint, cfg.csv, data_dir)):
+        if cfg.csv:
+            datasets, extra = read_csv(cfg, data, out_dir)
+            validation = PairDataset(data_dir, "validation") if data_dir else None
+        else:
+            (datasets, validation), extra = open_splits(data_dir, cfg.split), {}
+        os.makedirs(out_dir, exist_ok=True)
+        model.to(rt.device)
+        scores_of = engine.Inference(model.probability, model.cfg.arch, rt, cfg.batch_size, cfg.shapes, cfg.compile,
+                                     cfg.num_workers, max_len=data["max_len"])
+        thresholds, results = report.report_datasets(scores_of, datasets, validation, {"argmax": 0.5}, out_dir)
+        report.write_results(out_dir, {**this_run, "score": "probability", "config": asdict(cfg),
+                                       "step": ckpt.get("step"), "split": cfg.csv or cfg.split, "data_dir": data_dir,
+                                       **extra, "thresholds": thresholds, "results": results})
 
 
 def pick_data_dir(cfg, data):

@@ -6,18 +6,20 @@ come from the reported split; where they must (the validation split itself), the
 in-sample.
 
 A results folder holds one run's results: check_results_dir, before any work, refuses a folder
-holding another run's (another model or input) unless asked to replace them, and any other files.
+holding another run's (another model or input) unless asked to replace them, and any other files;
+results_folder also holds it for the run's life, so two runs never write into it at once.
 """
 import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 
 import numpy as np
 
 import metrics
 from cli import UserError
-from data import check_apart_from_inputs, check_writable, fingerprint
+from data import FolderLock, check_apart_from_inputs, check_writable, fingerprint
 
 # Every file a results folder holds: report_datasets' scores and plots, write_results' results.json,
 # evaluate.py's rejects.tsv, search.py's per_query.csv and speed.json (--speed's results). A folder
@@ -69,6 +71,15 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
                         f"{model}{split}{where})", "pass another --out_dir, or --overwrite to replace them")
     for name in names:
         os.remove(os.path.join(out_dir, name))
+
+
+@contextmanager
+def results_folder(out_dir, this_run, overwrite=False, inputs=()):
+    """out_dir held for this run's life (data.FolderLock: a second run into it is refused, not
+    mixed in), then checked as check_results_dir does."""
+    with FolderLock(out_dir):
+        check_results_dir(out_dir, this_run, overwrite, inputs)
+        yield
 
 
 def tune_thresholds(labels, scores):

@@ -94,6 +94,17 @@ def main(argv=None):
 
 def search(cfg):
     check_config(cfg)
+    if cfg.eval or cfg.speed:  # a results folder of its own, held for the run (no other run's results in it)
+        with report.results_folder(cfg.out_dir or results_dir(cfg), this_run(cfg), cfg.overwrite, input_paths(cfg)):
+            return answer(cfg)
+    return answer(cfg)
+
+
+def input_paths(cfg):
+    return [os.path.realpath(p) for p in (cfg.index, cfg.queries, cfg.eval, cfg.checkpoint) if p]
+
+
+def answer(cfg):
     index = retrieval.Index(cfg.index)
     if cfg.ann:
         index.ann  # fail now, not after the queries are embedded, if it has none
@@ -145,15 +156,12 @@ def check_config(cfg):
                         "texts: pick one")
     if cfg.nprobe and not (cfg.ann or cfg.speed):
         raise UserError("--nprobe without --ann", "add --ann (nprobe is the ANN index's search width)")
-    inputs = [os.path.realpath(p) for p in (cfg.index, cfg.queries, cfg.eval, cfg.checkpoint) if p]
     if cfg.queries:
-        check_out_file(cfg.out, inputs, cfg.overwrite, "matches.csv", side_files=(".rejects.tsv",))
+        check_out_file(cfg.out, input_paths(cfg), cfg.overwrite, "matches.csv", side_files=(".rejects.tsv",))
         if os.path.exists(f"{cfg.out}.rejects.tsv") and not cfg.overwrite:
             raise UserError(f"--out {cfg.out}: {cfg.out}.rejects.tsv exists (an earlier run's rejected rows)",
                             "pass --overwrite to replace both, or another --out")
         check_writable(cfg.out, "--out")
-    if cfg.eval or cfg.speed:  # a folder of its own: no input, nothing else's, no other run's results
-        report.check_results_dir(cfg.out_dir or results_dir(cfg), this_run(cfg), cfg.overwrite, inputs)
 
 
 def check_k(k, corpus):

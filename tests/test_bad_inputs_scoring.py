@@ -185,6 +185,27 @@ def test_evaluate_out_dir_of_another_input_needs_overwrite(ckpt, tmp_path, capsy
     assert os.listdir(foreign) == ["notes.txt"]
 
 
+def test_a_results_folder_another_run_holds_is_refused(ckpt, tiny_data, tiny_bert_dir, indexed, tmp_path, capsys):
+    """evaluate.py, baseline_cosine.py and search.py --eval / --speed hold their --out_dir for the
+    run (data.FolderLock): a second run into it stops with the holder's pid instead of mixing its
+    scores and plots into the first one's, and nothing in the folder is touched."""
+    out = tmp_path / "results"
+    evaluate.main([ckpt, "--out_dir", str(out)])
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    runs = [(evaluate.main, [ckpt, "--out_dir", str(out), "--overwrite"]),
+            (baseline_cosine.main, ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, "--out_dir", str(out),
+                                    "--overwrite"]),
+            (search.main, [indexed, "--eval", tiny_data, "--out_dir", str(out), "--overwrite"]),
+            (search.main, [indexed, "--speed", "--out_dir", str(out), "--overwrite"])]
+    with data.FolderLock(str(out)):
+        for entry, argv in runs:
+            assert "in use by another run" in fails(entry, argv, capsys), entry.__module__
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    evaluate.main([ckpt, "--out_dir", str(out)])  # released: it goes on, and gives the lock back
+    assert not os.path.exists(f"{out}.lock")
+
+
 # ----------------------------------------------------------------------------- 2. one index run per folder
 
 def test_index_into_a_folder_another_run_holds_is_refused(tmp_path, tiny_bert_dir, capsys):
