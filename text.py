@@ -54,10 +54,15 @@ def open_lines(path):
             gzipped = f.peek(2)[:2] == b"\x1f\x8b"  # peek: a pipe cannot be read twice
             with (gzip.GzipFile(fileobj=f, mode="rb") if gzipped else f) as raw:
                 for line_no, line in enumerate(raw, 1):
-                    if line_no == 1 and (line.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in line):
+                    if line_no == 1 and (line.startswith((b"\xff\xfe", b"\xfe\xff")) or
+                                         line.count(b"\x00") > len(line) // 4):
                         raise UserError(f"{path}: the file is UTF-16 (a BOM or NUL bytes in its first line), "
                                         "not UTF-8", "re-save it as UTF-8, e.g. iconv -f utf-16 -t utf-8 "
                                         "in.csv > out.csv")
+                    if line_no == 1 and b"\r" in line.rstrip(b"\r\n"):  # one "line" of the whole file
+                        raise UserError(f"{path}: its lines end in a bare carriage return (classic Mac line "
+                                        "breaks), which this reader does not split on", "convert them, e.g. "
+                                        "tr '\\r' '\\n' < in.csv > out.csv")
                     try:
                         yield line.decode("utf-8-sig" if line_no == 1 else "utf-8")
                     except UnicodeDecodeError as e:
@@ -146,9 +151,10 @@ def read_pairs(path, require_label=True):
             fields = next(reader)
         except StopIteration:
             break
-        except csv.Error as e:
-            raise UserError(f"{path}: cannot parse the row starting at line {line} ({e})",
-                            "check the quoting on that line") from None
+        except csv.Error as e:  # a stray carriage return in an unquoted field: this row only
+            row_no, start, line = row_no + 1, line, reader.line_num + 2
+            rejects.append((row_no, start, f"cannot be parsed ({str(e).split(' - ')[0]})"))
+            continue
         row_no, start, line = row_no + 1, line, reader.line_num + 2
         if not fields:  # blank line
             rejects.append((row_no, start, "blank line"))
@@ -270,7 +276,9 @@ def read_question_file(path, distinct=True):
 def text_file_questions(path):
     texts, ids, rejects, line_no = [], [], [], 0
     for line_no, line in enumerate(open_lines(path), 1):
-        if line.strip():
+        if "\r" in line.rstrip("\r\n"):  # a line break this reader does not split on: two questions, maybe
+            rejects.append((line_no, line_no, "a carriage return inside the line (a classic Mac line break?)"))
+        elif line.strip():
             texts.append(line.strip())
             ids.append(f"{file_stem(path)}:{line_no}")
         else:
@@ -297,22 +305,27 @@ def table_questions(path):
     id_col = find_column(header, QUESTION_ID_COLUMNS, path, None)
     texts, ids, rejects, row_no, start = [], [], [], 0, 2
     reader = csv_reader(lines, delimiter)
-    try:
-        for row_no, fields in enumerate(reader, 1):
-            if len(fields) != len(header):
-                rejects.append((row_no, start, "blank line" if not fields else
-                                f"malformed: {len(fields)} fields, header has {len(header)}"))
-            elif not fields[col].strip():
-                rejects.append((row_no, start, "empty question"))
-            elif id_col is not None and not fields[id_col].strip():
-                rejects.append((row_no, start, "empty id"))
-            else:
-                texts.append(fields[col].strip())
-                ids.append(fields[id_col].strip() if id_col is not None else f"{file_stem(path)}:{start}")
-            start = reader.line_num + 2  # the file line where the next row starts (header is line 1)
-    except csv.Error as e:
-        raise UserError(f"{path}: cannot parse the row starting at line {start} ({e})",
-                        "check the quoting on that line") from None
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a stray carriage return in an unquoted field: this row only
+            fields, problem = None, f"cannot be parsed ({str(e).split(' - ')[0]})"
+        row_no += 1
+        if fields is None:
+            rejects.append((row_no, start, problem))
+        elif len(fields) != len(header):
+            rejects.append((row_no, start, "blank line" if not fields else
+                            f"malformed: {len(fields)} fields, header has {len(header)}"))
+        elif not fields[col].strip():
+            rejects.append((row_no, start, "empty question"))
+        elif id_col is not None and not fields[id_col].strip():
+            rejects.append((row_no, start, "empty id"))
+        else:
+            texts.append(fields[col].strip())
+            ids.append(fields[id_col].strip() if id_col is not None else f"{file_stem(path)}:{start}")
+        start = reader.line_num + 2  # the file line where the next row starts (header is line 1)
     if not texts:
         raise UserError(f"{path}: none of its {row_no} rows is usable" + (
             f" (first: row {rejects[0][0]}, {rejects[0][2]})" if rejects else ""), "check the question column")

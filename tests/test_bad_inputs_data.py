@@ -294,6 +294,45 @@ def test_a_utf16_file_asks_for_iconv_from_utf16(tmp_path, kind):
     assert "UTF-16" in str(e.value) and "iconv -f utf-16" in str(e.value) and "latin1" not in str(e.value)
 
 
+@pytest.mark.parametrize("kind", ["pairs.csv", "pairs.tsv", "questions.csv", "questions.txt"])
+def test_carriage_returns_never_merge_or_drop_rows_silently(tmp_path, kind):
+    """Classic Mac line breaks (a bare CR) make the whole file one line: one line saying so. A
+    stray CR inside one row's unquoted field rejects that row (counted), not the file; a .txt line
+    holding one is rejected, not read as one question."""
+    sep = "\t" if kind.endswith(".tsv") else ","
+    if kind.startswith("pairs"):
+        header, rows = HEADER.replace(",", sep), [r.replace(",", sep) for r in ROWS.splitlines(keepends=True)]
+        read = text.read_pairs
+    elif kind == "questions.csv":
+        header, rows, read = "id,question\n", [f"q{i},How do I learn item {i}?\n" for i in range(30)], \
+            retrieval.read_questions
+    else:
+        header, rows, read = "", [f"How do I learn item {i}?\n" for i in range(30)], retrieval.read_questions
+    path = tmp_path / kind
+    path.write_text((header + "".join(rows)).replace("\n", "\r"), newline="")
+    with pytest.raises(UserError) as e:
+        read(str(path))
+    assert "bare carriage return" in str(e.value) and "tr " in str(e.value)
+    rows[4] = rows[4].replace("item 4", "item\r4")  # one stray CR, in row 5
+    path.write_text(header + "".join(rows), newline="")
+    got = read(str(path))
+    if kind.startswith("pairs"):
+        pairs, rejects, rows_read = got
+        assert rows_read == 30 and len(pairs["q1"]) == 29 and [r[:2] for r in rejects] == [(5, 6)]
+        assert "cannot be parsed" in rejects[0][2]
+    else:
+        assert len(got.texts) == 29 and [r[0] for r in got.rejects] == [5] and got.rows_read == 30
+        assert not any("\r" in t for t in got.texts)
+
+
+def test_a_nul_byte_in_a_utf8_header_is_not_called_utf16(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_bytes((HEADER.replace("question2", "question\x002") + ROWS).encode())
+    with pytest.raises(UserError) as e:
+        text.read_pairs(str(path))
+    assert "no question2 column" in str(e.value) and "UTF-16" not in str(e.value)
+
+
 @pytest.mark.parametrize("header", ["id,question1,question2,question1,is_duplicate",
                                     "question1,question2,is_duplicate,Is_Duplicate",
                                     "qid1,qid2,qid1,question1,question2,label"])
