@@ -167,6 +167,11 @@ def make_plan(cfg, rt):
         if path and not os.path.isfile(os.path.join(path, "manifest.json")):
             raise UserError(f"--{flag} {path}: not an index folder (no manifest.json)", "pass a folder index.py wrote")
     stages = STAGES if "all" in named else tuple(s for s in STAGES if s in named)
+    reads_rows = [s for s in stages if not (s == "search" and cfg.search_index or s == "serve" and cfg.serve_index)
+                  and not (s == "gpu" and not rt.cuda and "gpu" not in named)]
+    if reads_rows and not os.path.isfile(cfg.data):
+        raise UserError(f"--data {cfg.data}: no such file (the {', '.join(reads_rows)} stage(s) read the real rows)",
+                        "pass a QQP pairs file, e.g. ../shared/data/qqp/qqp_first8k.csv.gz")
     for stage, packages in (("search", ("faiss",)), ("serve", (*service.PACKAGES, "httpx"))):
         if stage in stages:
             require_packages(packages, f"bench.py's {stage} stage", f"leave {stage} out of --stages")

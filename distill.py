@@ -18,6 +18,7 @@ library behind teach.py and train.py --teacher_file.
 """
 import json
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -181,7 +182,7 @@ def load_teacher_file(path, train):
     try:
         with np.load(path, allow_pickle=False) as f:
             pairs, probs, record = f["pairs"], f["probs"], json.loads(str(f["record"]))
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated .npz
         raise UserError(f"{path}: not a teacher file teach.py wrote ({type(e).__name__})", fix) from None
     if record.get("format") != FORMAT:
         raise UserError(f"{path}: format {record.get('format')}, this code reads {FORMAT}", fix)

@@ -221,6 +221,8 @@ def check_config(cfg):
                         "[0, 1) and their sum below 1", "e.g. --val_frac 0.1 --test_frac 0.1")
     if cfg.max_len < 3:
         raise UserError(f"--max_len {cfg.max_len}: too short", "use at least 3 (e.g. 128)")
+    if not 0 <= cfg.seed <= 2 ** 32 - 1:  # numpy's seed range
+        raise UserError(f"--seed {cfg.seed}: out of range", f"use a seed in [0, {2 ** 32 - 1}]")
 
 
 def is_data_manifest(m):

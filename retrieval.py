@@ -36,6 +36,7 @@ from model import OnnxEncoder, describe_model, load_question_encoder
 from text import file_sha256, pair_file_questions, read_question_file, tokenize
 
 INDEX_FORMAT = "qqp-question-index-v1"
+INDEX_MANIFEST_KEYS = ("model", "sources", "count", "dim", "files")  # what readers take as given
 ANN_RECALL_TARGET = 0.95  # of exact top-10: the nprobe an index is built with reaches this on its own rows
 
 
@@ -245,6 +246,9 @@ def read_index_manifest(path):
             if isinstance(manifest, dict) else None
         raise UserError(f"{path}: not a question index of this code (its manifest says {found})",
                         "pass an index folder index.py wrote (and never a data folder as --out_dir)")
+    missing = [k for k in INDEX_MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise UserError(f"{mpath}: damaged (no {', '.join(missing)})", "delete the folder and build the index again")
     return manifest
 
 

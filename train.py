@@ -65,6 +65,7 @@ from hub import load_tokenizer
 from text import check_vocab, file_sha256, vocab_hash
 
 RUN_FILES = ("ckpt.pt", "last.pt", "metrics.jsonl", "test_results.json", "hf")
+RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng")  # what last.pt holds beyond a ckpt.pt (save_last)
 LOWER_IS_BETTER = ("log_loss",)
 # May differ from the saved config on --resume: they change how long or how visibly the run goes
 # on, not what it computes up to now.
@@ -432,6 +433,11 @@ def start_or_resume(cfg, given, rt, say):
         raise UserError(f"--resume: {last_path} does not exist", "run without --resume to start, or "
                         "pass the --out_dir of the run to continue")
     state = load_checkpoint(last_path)
+    missing = [k for k in RESUME_STATE if k not in state]
+    if missing:
+        raise UserError(f"--resume: {last_path} holds no {', '.join(missing)} (a ckpt.pt copied over it, or "
+                        "a damaged file)", "resume from the last.pt train.py wrote, or start over with "
+                        "--overwrite_output_dir")
     # A field the run was saved without had the value TRAIN_SAVED_BEFORE names: compare with that.
     saved = {**TRAIN_SAVED_BEFORE, **state["train_config"]}
     refused = sorted(k for k in given if k not in RESUME_MAY_CHANGE and k in saved and getattr(cfg, k) != saved[k])

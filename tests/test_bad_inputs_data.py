@@ -174,6 +174,12 @@ def test_index_questions_never_gives_a_row_another_text():
 
 # ----------------------------------------------------------------------------- 4. unwritable output
 
+def test_a_seed_numpy_cannot_take_is_one_line_before_any_work(src, tmp_path, capsys):
+    for seed in ("-1", str(2 ** 32)):
+        assert f"--seed {seed}: out of range" in fails([src, "--out_dir", tmp_path / "out", "--seed", seed], capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_dir_under_a_file_is_one_line(src, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert "is a file" in fails([src, "--out_dir", tmp_path / "notes.txt" / "prep"], capsys)

@@ -74,6 +74,15 @@ def test_overwrite_output_dir_deletes_the_earlier_run_only_once_the_inputs_are_g
     assert code == 0 and "deleting the earlier run" in printed
 
 
+def test_resume_from_a_ckpt_copied_over_last_pt_is_one_line(tmp_path, tiny_data, tiny_bert_dir, capsys):
+    out = tmp_path / "out"
+    common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST, "--out_dir", str(out), "--max_steps", "1"]
+    assert train_here(common, capsys)[0] == 0
+    (out / "last.pt").write_bytes((out / "ckpt.pt").read_bytes())
+    line = one_line_error(*train_here([*common, "--resume"], capsys)[::2])
+    assert "holds no optimizer, scheduler, scaler, rng (a ckpt.pt copied over it" in line
+
+
 def test_an_out_dir_in_or_of_an_input_or_a_data_folder_is_refused(tmp_path, tiny_data, tiny_bert_dir, capsys):
     common = ["--data_dir", tiny_data, "--encoder", tiny_bert_dir, *FAST]
     listed = sorted(os.listdir(tiny_data)), sorted(os.listdir(tiny_bert_dir))

@@ -108,6 +108,14 @@ def test_a_stage_without_its_packages_is_one_line_before_any_stage(tmp_path, cap
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_missing_rows_are_one_line_before_any_stage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--stages", "data,train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --data {tmp_path / 'nope.csv'}: no such file (the data, train stage(s)")
+
+
 def test_unknown_stage_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--stages", "train,warp"])

@@ -128,6 +128,9 @@ def test_bad_teacher_inputs_are_one_line_errors(taught, tmp_path, tiny_bert_dir,
     other = str(tmp_path / "other")
     preprocess.main([write_csv(tmp_path / "p.csv", synthetic_rows(300, seed=5)), "--out_dir", other, "--max_len", "32"])
     base = ["--encoder", tiny_bert_dir, "--mine", "10"]
+    truncated = tmp_path / "truncated.npz"
+    with open(out, "rb") as f:
+        truncated.write_bytes(f.read(500))  # a copy cut short
     cases = [
         (teach.main, ["--data_dir", other, "--teacher", ckpt, "--out", str(tmp_path / "t.npz"), *base],
          "may have seen this folder's validation"),  # a teacher of another folder
@@ -140,6 +143,8 @@ def test_bad_teacher_inputs_are_one_line_errors(taught, tmp_path, tiny_bert_dir,
         (train.main, ["--data_dir", data, "--out_dir", str(tmp_path / "r"), "--teacher_file", out], "needs both"),
         (train.main, ["--data_dir", data, "--out_dir", str(tmp_path / "r"), "--loss", "distill",
                       "--teacher_file", ckpt], "not a teacher file"),
+        (train.main, ["--data_dir", data, "--out_dir", str(tmp_path / "r"), "--loss", "distill",
+                      "--teacher_file", str(truncated)], "not a teacher file teach.py wrote (BadZipFile)"),
     ]
     for fn, argv, message in cases:
         with pytest.raises(SystemExit) as e:

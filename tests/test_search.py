@@ -394,6 +394,13 @@ def test_damaged_index_is_reported(folder, tmp_path, capsys):
         f.truncate(100)
     err = run_bad(search.main, [copy, "chess?"], capsys)
     assert "the index is damaged" in err and "--rebuild" in err
+    shutil.rmtree(copy)
+    shutil.copytree(folder["index"], copy)
+    manifest = json.loads(open(os.path.join(copy, "manifest.json")).read())
+    del manifest["model"]
+    with open(os.path.join(copy, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    assert "manifest.json: damaged (no model)" in run_bad(search.main, [copy, "chess?"], capsys)
 
 
 # ----------------------------------------------------------------------------- speed
