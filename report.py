@@ -202,9 +202,14 @@ def save_plots(out_dir, name, labels, scores, metrics_at):
     plt.close(fig)
 
 
-def write_results(out_dir, results):
-    path = os.path.join(out_dir, "results.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {path}, per-pair scores and plots in {out_dir}")
+def write_results(out_dir, results, name="results.json", say=True):
+    """results.json (strict JSON: an undefined metric, e.g. ROC-AUC of one class, is null), renamed
+    into place whole: it is what marks the folder as holding a finished run."""
+    path = os.path.join(out_dir, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(metrics.json_safe(results), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+    if say:
+        print(f"wrote {path}, per-pair scores and plots in {out_dir}")
     return path

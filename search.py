@@ -34,7 +34,6 @@ vocabulary cannot read (emoji, other scripts: nothing but [UNK]) gets a warning 
 answers mean nothing. Every output place is checked for writing before any work.
 """
 import csv
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -269,8 +268,7 @@ def evaluate(cfg, index, qe, rt):
         w.writerow(["row", "id", "relevant", *per_query, "question"])
         for i, q in enumerate(queries.tolist()):
             w.writerow([q, ids[q], len(relevant[i]), *(f"{v[i]:.4g}" for v in per_query.values()), texts[q]])
-    with open(os.path.join(out_dir, "results.json"), "w") as f:  # last: a folder with it holds a finished run
-        json.dump(results, f, indent=1)
+    report.write_results(out_dir, results, say=False)  # last: a folder with it holds a finished run
     print(f"retrieval benchmark of {cfg.eval}, {cfg.split} split: {len(queries):,} queries, "
           f"{results['relevant_per_query']:.2f} "
           f"relevant each on average, corpus {results['corpus']:,} questions"
@@ -295,8 +293,7 @@ def speed(cfg, index, rt):
                                      exclude=rows[:, None], ann=built)
     out_dir = cfg.out_dir or results_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "speed.json"), "w") as f:
-        json.dump({**this_run(cfg), **result}, f, indent=1)
+    report.write_results(out_dir, {**this_run(cfg), **result}, "speed.json", say=False)
     ex, ann = result["exact"], result["ann"]
     print(f"{len(index):,} vectors, top {cfg.k}, {rt.device}: exact {ex['single_p50_ms']:.1f} / "
           f"{ex['single_p95_ms']:.1f} ms p50/p95 one query at a time, {ex['batched_p50_ms']:.2f} / "

@@ -4,6 +4,7 @@ every output place is checked before any work, a failed write leaves no temp fil
 results never replace another's, two index runs never share a folder, and a pair or query made of
 nothing the vocabulary reads is named as such. Every pairs file here is invented."""
 import errno
+import json
 import os
 import shutil
 
@@ -183,6 +184,25 @@ def test_evaluate_out_dir_of_another_input_needs_overwrite(ckpt, tmp_path, capsy
     (foreign / "notes.txt").write_text("mine")
     assert "not results" in fails(evaluate.main, [ckpt, "--out_dir", str(foreign), "--overwrite"], capsys)
     assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_evaluate_on_one_class_writes_strict_json(ckpt, tmp_path):
+    """ROC-AUC of a file with one class is undefined: null in results.json, not NaN (which JSON
+    readers outside Python refuse)."""
+    rows = [r for r in synthetic_rows(80, seed=4) if r[-1] == 1][:20]
+    evaluate.main([ckpt, "--csv", write_csv(tmp_path / "ones.csv", rows), "--out_dir", str(tmp_path / "e")])
+    text = (tmp_path / "e" / "results.json").read_text()
+    results = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
+    assert None in [m.get("roc_auc") for m in json_values(results, "roc_auc")]
+
+
+def json_values(tree, key):
+    """Every dict in a JSON tree that holds key."""
+    if isinstance(tree, dict):
+        return ([tree] if key in tree else []) + [d for v in tree.values() for d in json_values(v, key)]
+    if isinstance(tree, list):
+        return [d for v in tree for d in json_values(v, key)]
+    return []
 
 
 def test_a_results_folder_another_run_holds_is_refused(ckpt, tiny_data, tiny_bert_dir, indexed, tmp_path, capsys):
