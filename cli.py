@@ -12,7 +12,9 @@ help and default, Literal fields take only their choices, booleans switch on wit
 with `--flag false` (or `--no_flag` when the default is on), unknown flags are errors.
 """
 import argparse
+import contextlib
 import errno
+import signal
 import sys
 from dataclasses import MISSING, field, fields
 
@@ -117,11 +119,44 @@ def check_ranges(cfg, ranges):
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT during a run, raised where the run is, so that what it was writing is
+    cleaned up on the way out (temp files, folder locks); args[0] is the signal."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """SIGTERM (whose default kills at once, leaving half-written temp files) and SIGINT raise
+    Interrupted inside the block; later ones are ignored until the block is left, so that they
+    cannot cut the clean-up short. (train.py's loop and serve.py's server put their own handlers
+    in place while they run.)"""
+    def stop(signum, frame):
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signal.Signals(signum))
+    try:
+        previous = {s: signal.signal(s, stop) for s in signums}
+    except ValueError:  # not the main thread (signals go to it only): nothing to install
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run(fn, *args):
     """Call a script's body; a UserError becomes one line on stderr and exit code 2, and so does
-    an OSError of the disk or permissions kind (WRITE_ERRNOS), naming the path."""
+    an OSError of the disk or permissions kind (WRITE_ERRNOS), naming the path. Ctrl-C or SIGTERM
+    stops it cleanly: one line, and the shell's code for the signal (130, 143)."""
     try:
-        return fn(*args)
+        with stop_on_signals():
+            return fn(*args)
+    except Interrupted as e:
+        sig = e.args[0]
+        print(f"error: stopped by {sig.name} before it finished (files it was writing were removed). Fix: run "
+              "the same command again", file=sys.stderr)
+        sys.exit(128 + sig)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -25,12 +25,9 @@ holding the input); one run writes into it at a time (a lock beside it), and a f
 interrupted write (SIGTERM, Ctrl-C: exit 143, 130) leaves no temp folder and the earlier folder
 in place.
 """
-import contextlib
 import hashlib
 import json
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -67,14 +64,7 @@ class PreprocessConfig:
 
 def main(argv=None):
     cfg = parse_config(PreprocessConfig, argv, __doc__, positional=("input",))
-    try:
-        with stop_on_signals():
-            manifest = run(preprocess, cfg)
-    except Interrupted as e:
-        sig = e.args[0]
-        print(f"error: stopped by {sig.name}; nothing half-written is left in or beside {cfg.out_dir}. "
-              "Fix: run the same command again", file=sys.stderr)
-        sys.exit(128 + sig)
+    manifest = run(preprocess, cfg)  # Ctrl-C or SIGTERM: nothing half-written is left in or beside out_dir
     print_summary(manifest, cfg.out_dir)
 
 
@@ -187,31 +177,6 @@ def conflict_lines(conflict_rows, texts, pairs_read, qid_rejects):
     lines += [(row, *(pairs_read[k][at[row]] for k in ("q1", "q2", "label")), f"rejected: {reason}")
               for row, _, reason in qid_rejects]
     return sorted(lines)
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT during a run, raised where the run is, so that what it was writing is
-    cleaned up on the way out; args[0] is the signal."""
-
-
-@contextlib.contextmanager
-def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
-    """SIGTERM (whose default kills at once, leaving a half-written temp folder) and SIGINT raise
-    Interrupted inside the block; later ones are ignored until the block is left, so that they
-    cannot cut the clean-up short."""
-    def stop(signum, frame):
-        for s in signums:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signal.Signals(signum))
-    try:
-        previous = {s: signal.signal(s, stop) for s in signums}
-    except ValueError:  # not the main thread (signals go to it only): nothing to install
-        previous = {}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def check_config(cfg):

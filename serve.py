@@ -47,7 +47,7 @@ import torch
 import engine
 import retrieval
 import service
-from cli import UserError, arg, check_ranges, parse_config, require_packages, run
+from cli import Interrupted, UserError, arg, check_ranges, parse_config, require_packages, run
 from metrics import tuned_threshold
 from model import describe_model
 
@@ -120,7 +120,10 @@ def serve(cfg):
           f"{about['workers']} worker(s)) at http://{cfg.host}:{cfg.port}/ "
           f"(the page; API at /docs); adding questions {'on' if about['token'] else 'off (no token)'}; "
           f"Ctrl-C stops", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    except Interrupted as e:  # uvicorn shut down cleanly, then passed its signal on: how a server ends
+        print(f"stopped by {e.args[0].name}", flush=True)
 
 
 def build(cfg):

@@ -223,26 +223,31 @@ SLOW_WRITE = """
 import sys, time
 import numpy as np
 sys.path.insert(0, {root!r})
-import preprocess
+import {script}
 real_save = np.save
 def save_and_wait(path, arr, *a, **k):
     real_save(path, arr, *a, **k)
     open({marker!r}, "w").close()
     time.sleep(120)
 np.save = save_and_wait
-preprocess.main([{src!r}, "--out_dir", {out!r}, "--max_len", "32"])
+{script}.main({argv!r})
 """
 
 
-def test_sigterm_or_ctrl_c_while_writing_leaves_no_temp_folder(src, tmp_path):
-    """SIGTERM (exit 143) or SIGINT (exit 130) while the temp folder is half written: it is removed,
-    so is the lock, and the error is one line. Both runs go at once (each imports transformers)."""
+@pytest.mark.parametrize("script", ["preprocess", "index"])
+def test_sigterm_or_ctrl_c_while_writing_leaves_no_temp_folder(src, tmp_path, tiny_bert_dir, script):
+    """SIGTERM (exit 143) or SIGINT (exit 130) while the temp folder is half written (a data folder,
+    an index): it is removed, so is the lock, and the error is one line. Both runs go at once (each
+    imports transformers)."""
     procs = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         folder = tmp_path / sig.name
         folder.mkdir()
         marker = str(folder / "writing")
-        code = SLOW_WRITE.format(root=ROOT, marker=marker, src=src, out=str(folder / "prep"))
+        out = str(folder / "prep")
+        argv = [src, "--out_dir", out, "--max_len", "32"] if script == "preprocess" else \
+            ["--encoder", tiny_bert_dir, src, "--out_dir", out]
+        code = SLOW_WRITE.format(root=ROOT, marker=marker, script=script, argv=argv)
         procs[sig] = (folder, marker, subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                                        stderr=subprocess.PIPE, text=True))
     for sig, (folder, marker, p) in procs.items():

@@ -406,6 +406,17 @@ class Server(ServerProcess):
         return self.post("/search", {"question": question, "k": 1}).json()["results"][0]
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_server_cleanly(fresh_index, signal_name):
+    """SIGTERM (a service manager) or Ctrl-C is how a server ends: exit 0, one line, no error."""
+    server = Server(fresh_index)
+    server.stop(signal_name)
+    with open(server.log_path) as f:
+        log = f.read()
+    assert server.proc.returncode == 0, log
+    assert log.strip().splitlines()[-1] == f"stopped by {signal_name}" and "error" not in log and "Traceback" not in log
+
+
 def crash_question(i):
     return f"Crash test question {i}: how many giraffes fit in room {i * 7}?"
 
