@@ -28,7 +28,7 @@ from typing import Literal
 
 import engine
 import report
-from cli import arg, check_ranges, parse_config, run
+from cli import WORKERS_RANGE, arg, check_ranges, parse_config, run
 from data import open_data_dir, open_splits
 from hub import BUNDLED_MODEL, load_tokenizer
 from model import Encoder, ModelConfig, load_encoder
@@ -37,7 +37,7 @@ from text import vocab_hash
 
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"threshold": (lambda v: -1 <= v <= 1, "in [-1, 1] (a cosine)"),
-          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": (lambda v: v >= 0, "0 or more")}
+          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": WORKERS_RANGE}
 
 
 @dataclass

@@ -77,7 +77,7 @@ import torch
 import engine
 import reference
 import service
-from cli import UserError, arg, check_ranges, parse_config, require_packages, run
+from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, require_packages, run
 from data import check_out_file, check_writable, padding_stats, shapes_of, to_device
 from hub import BUNDLED_MODEL
 from measure import (DISTILBERT_CONFIG, ServerProcess, Workspace, attention_kernels, bench_search, encoder_agreement,
@@ -104,8 +104,10 @@ def auto_or(low):
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"batch_size": (lambda v: v >= 1, "at least 1"), "warmup_steps": auto_or(0), "train_steps": auto_or(1),
           "reference_steps": auto_or(1), "data_batches": (lambda v: v >= 1, "at least 1"),
-          "infer_pairs": auto_or(1), "rows": (lambda v: 1000 <= v <= 20_000_000, "in [1000, 20,000,000] (three splits; synth_qqp.py's limit)"),
-          "notebook_rows": (lambda v: v >= 0, "0 (all) or more"), "num_workers": auto_or(0),
+          "infer_pairs": auto_or(1),
+          "rows": (lambda v: 1000 <= v <= 20_000_000, "in [1000, 20,000,000] (three splits; synth_qqp.py's limit)"),
+          "notebook_rows": (lambda v: v >= 0, "0 (all) or more"),
+          "num_workers": (lambda v: v == -1 or WORKERS_RANGE[0](v), f"-1 (auto) or {WORKERS_RANGE[1]}"),
           "e2e_timeout": (lambda v: v >= 1, "at least 1"), "serve_requests": (lambda v: v >= 50, "at least 50"),
           "serve_writes": (lambda v: v >= 1, "at least 1"),
           "seed": (lambda v: 0 <= v <= 2 ** 31 - 1, f"in [0, {2 ** 31 - 1}] (faiss takes a 32-bit seed)")}

@@ -104,6 +104,10 @@ def interval(spec):
     return ok, words
 
 
+MAX_WORKERS = 64  # DataLoader worker processes: a few keep a GPU busy; thousands would hang the machine
+WORKERS_RANGE = interval(f"[0, {MAX_WORKERS}]")  # --num_workers, every script
+
+
 def check_ranges(cfg, ranges):
     """Every numeric flag in its range before any work: ranges {field: (test, words)}; NaN never
     passes. A one-line UserError naming the flag, its range and its default."""

@@ -40,14 +40,14 @@ import numpy as np
 
 import engine
 import report
-from cli import UserError, arg, check_ranges, parse_config, run
+from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, run
 from data import PairDataset, fingerprint, open_data_dir, open_splits, pairs_from_file, unreadable_pairs
 from model import load_model
 from text import checkpoint_tokenizer, file_sha256, file_stem, write_rejects
 
 
 # What each numeric flag may be: (test, the rule in words).
-RANGES = {"batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": (lambda v: v >= 0, "0 or more")}
+RANGES = {"batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": WORKERS_RANGE}
 
 
 @dataclass

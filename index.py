@@ -35,7 +35,7 @@ import numpy as np
 
 import engine
 import retrieval
-from cli import UserError, arg, check_ranges, parse_config, run
+from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, run
 from data import FolderLock, check_out_dir, check_writable
 from model import describe_model, load_question_encoder
 from text import first_of_each
@@ -43,7 +43,7 @@ from text import first_of_each
 
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"max_len": (lambda v: v == 0 or v >= 3, "0 (128) or at least 3 ([CLS], a token, [SEP])"),
-          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": (lambda v: v >= 0, "0 or more"),
+          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": WORKERS_RANGE,
           "seed": (lambda v: 0 <= v <= 2 ** 31 - 1, f"in [0, {2 ** 31 - 1}] (faiss takes a 32-bit seed)")}
 
 

@@ -99,6 +99,10 @@ def format_report(m, title):
 
 def tuned_threshold(results_path, ckpt_path):
     """The best-F1 threshold evaluate.py chose on the validation split, for probabilities."""
+    if not os.path.isfile(results_path):
+        what = "a folder, not a file" if os.path.isdir(results_path) else "no such file"
+        raise UserError(f"--threshold_from {results_path}: {what}", "pass the results.json of evaluate.py on this "
+                        "checkpoint")
     try:
         with open(results_path) as f:
             results = json.load(f)

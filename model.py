@@ -459,20 +459,19 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """Load a checkpoint safely (weights_only: no pickled code runs) and check its format."""
+def load_checkpoint(path, fix="pass a ckpt.pt written by train.py"):
+    """Load a checkpoint safely (weights_only: no pickled code runs) and check its format; `fix`
+    is what the error tells to do with a file that is not one."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint", "pass the ckpt.pt that train.py wrote "
                         "(e.g. out/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, a pickled model, or not a torch file at all
-        raise UserError(f"{path}: not a checkpoint this code can read safely ({type(e).__name__})",
-                        "pass a ckpt.pt written by train.py") from None
+        raise UserError(f"{path}: not a checkpoint this code can read safely ({type(e).__name__})", fix) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path}: not a {CKPT_FORMAT} checkpoint (format {found})",
-                        "pass a ckpt.pt written by train.py")
+        raise UserError(f"{path}: not a {CKPT_FORMAT} checkpoint (format {found})", fix)
     return ckpt
 
 

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 import engine
-from cli import UserError, arg, check_ranges, parse_config, run
+from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, run
 from data import InMemoryPairs, check_out_file, check_writable, pairs_from_file, unreadable_pairs
 from metrics import tuned_threshold
 from model import load_model
@@ -37,7 +37,7 @@ from text import NO_LABEL, checkpoint_tokenizer, encode_pairs, write_table
 
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"threshold": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability threshold)"),
-          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": (lambda v: v >= 0, "0 or more")}
+          "batch_size": (lambda v: v >= 1, "at least 1"), "num_workers": WORKERS_RANGE}
 
 
 @dataclass
@@ -97,6 +97,9 @@ def check_config(cfg):
         raise UserError("give either two questions or --csv FILE", 'e.g. predict.py out/ckpt.pt "Q1?" "Q2?"')
     check_ranges(cfg, RANGES)
     if not cfg.csv:
+        if not cfg.question2:  # not given at all
+            raise UserError("one question given: a pair needs two", 'pass two questions in quotes, e.g. predict.py '
+                            'out/ckpt.pt "How do I learn Python?" "What is the best way to learn Python?"')
         return
     check_out_file(cfg.out, (cfg.csv, cfg.checkpoint, cfg.threshold_from), cfg.overwrite, "preds.csv",
                    side_files=(".rejects.tsv",))

@@ -50,6 +50,9 @@ def read_questions(path, distinct=True):
 
 def data_folder_questions(data_dir):
     """A preprocessed folder's questions, texts[i] = its question i, re-read from its source."""
+    if is_index_folder(data_dir):
+        raise UserError(f"{data_dir}: an index folder, not questions", "pass a question or pairs file, or a data "
+                        "folder preprocess.py wrote")
     manifest = load_manifest(data_dir)
     source = manifest["source"]
     if not os.path.isfile(source) or file_sha256(source) != manifest["source_sha256"]:
@@ -177,6 +180,9 @@ class Index:
     def __init__(self, path):
         manifest = read_index_manifest(path)
         if manifest is None:
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise UserError(f"{path}: a file, not an index folder", "pass the --out_dir of an index.py run (the "
+                                "questions to search for come after it, or with --queries)")
             raise UserError(f"{path}: not an index folder (no manifest.json)",
                             f"build one: python index.py out/ckpt.pt questions.csv --out_dir {path}")
         damaged = [name for name, rec in manifest["files"].items()
@@ -227,6 +233,15 @@ def search_matrix(vectors, device):
     more than the search), fp16 on a GPU. Always a copy: the memory-mapped file stays read-only."""
     dtype = np.float32 if device.type == "cpu" else np.float16
     return torch.from_numpy(np.array(vectors, dtype)).to(device)
+
+
+def is_index_folder(path):
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT
 
 
 def read_index_manifest(path):

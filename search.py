@@ -45,7 +45,7 @@ import numpy as np
 import engine
 import report
 import retrieval
-from cli import UserError, arg, check_ranges, parse_config, run
+from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, run
 from data import check_out_file, check_writable
 from measure import measure_speed
 from model import describe_model
@@ -56,7 +56,7 @@ from text import write_table
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"k": (lambda v: v >= 1, "at least 1"), "nprobe": (lambda v: v >= 0, "0 (as calibrated) or more"),
           "rerank_depth": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
-          "num_workers": (lambda v: v >= 0, "0 or more")}
+          "num_workers": WORKERS_RANGE}
 
 
 @dataclass

@@ -30,14 +30,14 @@ import numpy as np
 
 import distill
 import engine
-from cli import UserError, arg, check_ranges, parse_config, run
+from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, run
 from data import PairDataset, check_out_file, check_writable, fingerprint
 
 
 # What each numeric flag may be: (test, the rule in words).
 RANGES = {"mine": (lambda v: v == -1 or v >= 0, "-1 (as many as the training pairs) or 0 or more"),
           "k": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
-          "num_workers": (lambda v: v >= 0, "0 or more"),
+          "num_workers": WORKERS_RANGE,
           "seed": (lambda v: 0 <= v <= 2 ** 32 - 1, f"in [0, {2 ** 32 - 1}]")}
 
 

@@ -93,9 +93,12 @@ def sniff_delimiter(path, first_line):
 
 def read_header(path, lines, fix):
     """(delimiter, header fields) of a table's first line; an empty file is a UserError."""
-    first = next(lines, "")
-    if not first.strip():
+    first = next(lines, None)
+    if first is None:
         raise UserError(f"{path}: the file is empty", fix)
+    if not first.strip():
+        raise UserError(f"{path}: line 1 is blank, and a table's header must be its first line",
+                        "delete the blank line(s) at the top of the file")
     delimiter = sniff_delimiter(path, first)
     return delimiter, next(csv_reader([first], delimiter))
 

@@ -54,7 +54,7 @@ import torch
 import distill
 import engine
 import objectives
-from cli import UserError, arg, check_ranges, given_flags, interval, parse_config, run
+from cli import MAX_WORKERS, UserError, arg, check_ranges, given_flags, interval, parse_config, run
 from data import (FolderLock, PairDataset, check_apart_from_inputs, check_writable, fingerprint, make_loader,
                   shapes_of, to_device)
 from metrics import compute_metrics, format_report, json_safe
@@ -87,7 +87,7 @@ RANGES = {name: interval(spec) for name, spec in {
           "clip": "(0, inf)",
           "wise_alpha": "[0, 1]", "seed": f"[0, {2 ** 32 - 1}]", "eval_every_steps": "[0, inf)",
           "early_stopping_patience": "[0, inf)",
-          "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)", "num_workers": "[0, inf)"}.items()}
+          "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)", "num_workers": f"[0, {MAX_WORKERS}]"}.items()}
 
 
 @dataclass
@@ -432,7 +432,8 @@ def start_or_resume(cfg, given, rt, say):
     if not os.path.exists(last_path):
         raise UserError(f"--resume: {last_path} does not exist", "run without --resume to start, or "
                         "pass the --out_dir of the run to continue")
-    state = load_checkpoint(last_path)
+    state = load_checkpoint(last_path, fix="it cannot be resumed: start over with --overwrite_output_dir (copy "
+                            "ckpt.pt, the best weights so far, out of the folder first to keep it)")
     missing = [k for k in RESUME_STATE if k not in state]
     if missing:
         raise UserError(f"--resume: {last_path} holds no {', '.join(missing)} (a ckpt.pt copied over it, or "

@@ -336,6 +336,14 @@ def test_carriage_returns_never_merge_or_drop_rows_silently(tmp_path, kind):
         assert not any("\r" in t for t in got.texts)
 
 
+def test_a_blank_first_line_is_named_as_such(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("\n" + HEADER + ROWS)
+    with pytest.raises(UserError) as e:
+        text.read_pairs(str(path))
+    assert "line 1 is blank" in str(e.value) and "empty" not in str(e.value)
+
+
 def test_a_nul_byte_in_a_utf8_header_is_not_called_utf16(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_bytes((HEADER.replace("question2", "question\x002") + ROWS).encode())

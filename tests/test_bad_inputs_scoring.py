@@ -100,9 +100,10 @@ def disk_full_after_header(monkeypatch):
 # ----------------------------------------------------------------------------- 5. every numeric flag's range
 
 RANGE_CASES = [
-    (evaluate.main, ["nope.pt"], [("batch_size", "0"), ("num_workers", "-1")]),
+    (evaluate.main, ["nope.pt"], [("batch_size", "0"), ("num_workers", "-1"), ("num_workers", "100000")]),
     (predict.main, ["nope.pt", "a?", "b?"], [("threshold", "1.5"), ("threshold", "-0.1"), ("threshold", "nan"),
-                                            ("batch_size", "0"), ("num_workers", "-1")]),
+                                            ("batch_size", "0"), ("num_workers", "-1"),
+                                            ("num_workers", "65")]),
     (teach.main, ["--teacher", "nope.pt"], [("mine", "-5"), ("mine", "-2"), ("k", "0"), ("batch_size", "0"),
                                             ("num_workers", "-1"), ("seed", "-1")]),
     (index.main, ["--encoder", "enc", "in.txt"], [("max_len", "-1"), ("max_len", "2"), ("batch_size", "0"),
@@ -184,6 +185,13 @@ def test_evaluate_out_dir_of_another_input_needs_overwrite(ckpt, tmp_path, capsy
     (foreign / "notes.txt").write_text("mine")
     assert "not results" in fails(evaluate.main, [ckpt, "--out_dir", str(foreign), "--overwrite"], capsys)
     assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_predict_threshold_file_and_question_count_messages(ckpt, tmp_path, capsys):
+    for where, what in ((tmp_path / "nope.json", "no such file"), (tmp_path, "a folder, not a file")):
+        line = fails(predict.main, [ckpt, "a?", "b?", "--threshold_from", str(where)], capsys)
+        assert f"--threshold_from {where}: {what}" in line
+    assert "one question given: a pair needs two" in fails(predict.main, [ckpt, "How?"], capsys)
 
 
 def test_evaluate_on_one_class_writes_strict_json(ckpt, tmp_path):

@@ -200,7 +200,8 @@ BAD_VALUES = [  # (flag, a value out of its range, what the error says)
     ("early_stopping_patience", "-1", "must be 0 or more"),
     ("save_every_steps", "-1", "must be 0 or more"),
     ("log_every_steps", "0", "must be at least 1"),
-    ("num_workers", "-1", "must be 0 or more"),
+    ("num_workers", "-1", "must be in [0, 64]"),
+    ("num_workers", "100000", "must be in [0, 64]"),
 ]
 
 

@@ -300,6 +300,10 @@ def test_bad_queries_and_flags_give_one_error_line(folder, tmp_path, tiny_bert_d
     err = run_bad(search.main, [idx, "chess?", "--split", "validation"], capsys)
     assert "--split validation without --eval" in err
     assert "not an index folder" in run_bad(search.main, [str(tmp_path), "chess?"], capsys)
+    a_file = write_lines(tmp_path / "questions.txt", ["chess?"])
+    assert "a file, not an index folder" in run_bad(search.main, [a_file, "chess?"], capsys)
+    err = run_bad(search.main, [idx, "--queries", idx, "--out", str(tmp_path / "q.csv")], capsys)
+    assert "an index folder, not questions" in err and "preprocess.py train.csv" not in err
     empty = write_lines(tmp_path / "empty.txt", ["", " "])
     out = str(tmp_path / "o.csv")
     assert "every line is empty" in run_bad(search.main, [idx, "--queries", empty, "--out", out], capsys)
