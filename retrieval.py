@@ -210,6 +210,9 @@ class Index:
         """The vectors as one torch matrix for exact search (search_matrix), made once."""
         if self._matrix is None or self._matrix.device != device:
             self._matrix = search_matrix(self.vectors, device)
+            if not torch.isfinite(self._matrix).all():  # sizes match the manifest, contents do not
+                raise UserError(f"{os.path.join(self.path, 'vectors.npy')} holds NaN or infinite values: the index "
+                                "is damaged", rebuild_fix(self.manifest, self.path))
         return self._matrix
 
     @cached_property

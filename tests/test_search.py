@@ -405,6 +405,17 @@ def test_damaged_index_is_reported(folder, tmp_path, capsys):
     with open(os.path.join(copy, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     assert "manifest.json: damaged (no model)" in run_bad(search.main, [copy, "chess?"], capsys)
+    shutil.rmtree(copy)
+    shutil.copytree(folder["index"], copy)
+    vectors = np.load(os.path.join(copy, "vectors.npy"), mmap_mode="r+")
+    vectors[3] = np.nan  # same size, wrong content
+    vectors.flush()
+    del vectors
+    with pytest.raises(SystemExit) as e:  # found when the vectors are read, after the device's banner
+        search.main([copy, "chess?"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "vectors.npy holds NaN or infinite values: the index is damaged" in err and "--rebuild" in err
 
 
 # ----------------------------------------------------------------------------- speed
