@@ -33,7 +33,7 @@ import engine
 from cli import UserError, missing_packages, require_packages
 from data import QuestionDataset, fingerprint, load_manifest, write_data_dir
 from model import OnnxEncoder, describe_model, load_question_encoder
-from text import file_sha256, pair_file_questions, read_question_file, tokenize
+from text import file_sha256, pair_file_questions, read_question_file, tokenize, unreadable
 
 INDEX_FORMAT = "qqp-question-index-v1"
 INDEX_MANIFEST_KEYS = ("model", "sources", "count", "dim", "files")  # what readers take as given
@@ -94,6 +94,13 @@ def embed_texts(qe, inference, texts, desc="embedding", verbose=True):
               "what such a question matches means nothing", file=sys.stderr)
     pooled = inference(QuestionDataset(tokens, offsets, qe.pad_id, qe.max_len), desc, verbose)
     return pooled[inverse.reshape(-1)]
+
+
+def unreadable_texts(qe, texts):
+    """The texts that tokenize to nothing but [UNK] (emoji, other scripts): no content reaches the
+    model, so any question would be as near to them as to any other."""
+    tokens, offsets, _, n = tokenize(qe.tokenizer, list(texts), qe.max_len)
+    return [t for t, bad in zip(texts, unreadable(qe.tokenizer, tokens, offsets)) if bad] if n else []
 
 
 def encoder_batch_size(runtime, max_batch=64):

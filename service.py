@@ -554,6 +554,10 @@ def make_app(service, batcher, limits, token="", about=None):
             raise ApiError(422, "id", "id: empty, or longer than 200 characters")
         if len(set(ids)) < len(ids):
             raise ApiError(422, "id", f"id: {next(i for i in ids if ids.count(i) > 1)} is given twice")
+        unread = retrieval.unreadable_texts(service.qe, [q.question for q in new])
+        if unread:  # in the corpus, such a question would come up for every unreadable query
+            raise ApiError(422, "question", f"question: {unread[0][:60]!r} holds nothing the model's vocabulary "
+                                            "reads (only [UNK]: emoji, other scripts), so it cannot be searched")
         answers = await batcher.submit(Job("add", [q.question for q in new], {"ids": ids}))
         return {"added": sum(a["status"] == "added" for a in answers),
                 "existing": sum(a["status"] == "exists" for a in answers),

@@ -312,6 +312,8 @@ ADD_BAD = [  # (body, headers, status, field)
     ({"id": 1.5, "question": "q?"}, AUTH, 422, "id"),
     ({"id": "a", "question": " "}, AUTH, 422, "question"),
     ({"questions": [{"id": "a"}]}, AUTH, 422, "questions.0.question"),
+    ({"questions": [{"id": "a", "question": "Why?"}, {"id": "b", "question": "\U0001f600\U0001f389"}]}, AUTH, 422,
+     "question"),  # nothing but [UNK]: it would come up for every emoji query
 ]
 
 
