@@ -442,6 +442,9 @@ def run_part(st, logs, name, fn, budget_s):
         result["status"] = "skipped: --total_budget_s spent"
         st.say(f"== {name}: skipped, no time left")
         return
+    stopped = [n for n, r in st.report["parts"].items() if r["status"].startswith("stopped")]
+    if stopped:  # cut in the middle of a compile or a CUDA graph recording: this part's failure may be that
+        result["after_a_stopped_part"] = stopped
     st.say(f"== {name} (budget {budget_s:.0f} s)")
     offset, times = logs.offset(), compile_seconds()
     counters.clear()
@@ -472,7 +475,8 @@ def summary_lines(report):
              f"{s['encoder']} "
              f"({p['data'].get('params', 0) / 1e6:.1f}M params) | batch {s['batch_size']}"]
     for name, r in p.items():
-        lines.append(f"{name:8s} {r['status']} in {r.get('seconds', 0):.1f} s")
+        after = f" (after {', '.join(r['after_a_stopped_part'])} was stopped)" if r.get("after_a_stopped_part") else ""
+        lines.append(f"{name:8s} {r['status']} in {r.get('seconds', 0):.1f} s{after}")
     t = p.get("train", {})
     for sh in t.get("shapes", []):
         lines.append(f"  shape {sh['shape']}: first step {sh['first_step_s']:.2f} s, "
