@@ -38,8 +38,8 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
     """Before any work: out_dir can take this run's results. It must be writable, no input, in
     none and holding none, hold nothing but results files, and hold no results of another run
     (this_run: the fields of its results.json or speed.json that identify a run, e.g. script, model
-    and input; a re-run of the same run replaces its own). overwrite lets another run's results go: they are deleted
-    here, so that a folder never mixes two runs' files."""
+    and input; a re-run of the same run replaces its own). overwrite lets another run's results
+    go: they are deleted here, so that a folder never mixes two runs' files."""
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new, or one holding this run's "
                         "results)")
@@ -77,6 +77,7 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
 def results_folder(out_dir, this_run, overwrite=False, inputs=()):
     """out_dir held for this run's life (data.FolderLock: a second run into it is refused, not
     mixed in), then checked as check_results_dir does."""
+    check_apart_from_inputs(out_dir, inputs)  # before its lock file goes beside it
     with FolderLock(out_dir):
         check_results_dir(out_dir, this_run, overwrite, inputs)
         yield
@@ -207,9 +208,14 @@ def write_results(out_dir, results, name="results.json", say=True):
     into place whole: it is what marks the folder as holding a finished run."""
     path = os.path.join(out_dir, name)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(metrics.json_safe(results), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(metrics.json_safe(results), f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no temp file left in the results folder
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if say:
         print(f"wrote {path}, per-pair scores and plots in {out_dir}")
     return path

@@ -87,7 +87,8 @@ RANGES = {name: interval(spec) for name, spec in {
           "clip": "(0, inf)",
           "wise_alpha": "[0, 1]", "seed": f"[0, {2 ** 32 - 1}]", "eval_every_steps": "[0, inf)",
           "early_stopping_patience": "[0, inf)",
-          "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)", "num_workers": f"[0, {MAX_WORKERS}]"}.items()}
+          "save_every_steps": "[0, inf)", "log_every_steps": "[1, inf)",
+          "num_workers": f"[0, {MAX_WORKERS}]"}.items()}
 
 
 @dataclass

