@@ -68,16 +68,17 @@ def baseline(cfg):
     manifest = open_data_dir(cfg.data_dir, vocab_hash(tok), cfg.encoder)
     this_run = {"script": "baseline_cosine.py", "encoder": cfg.encoder, "pooling": cfg.pooling,
                 "input": {"split": cfg.split, "data": report.data_id(manifest)}}
-    with report.results_folder(cfg.out_dir, this_run, cfg.overwrite, inputs=(cfg.data_dir,)):
-        score_and_report(cfg, manifest, this_run)
+    with report.results_folder(cfg.out_dir, this_run, cfg.overwrite, inputs=(cfg.data_dir,)) as clear:
+        score_and_report(cfg, manifest, this_run, clear)
 
 
-def score_and_report(cfg, manifest, this_run):
+def score_and_report(cfg, manifest, this_run, clear):
     datasets, validation = open_splits(cfg.data_dir, cfg.split)
     rt = engine.setup_runtime(cfg.device, cfg.precision)
     encoder = Encoder(load_encoder(ModelConfig(encoder=cfg.encoder)), cfg.pooling).to(rt.device).eval()
     print(f"cosine baseline: {cfg.encoder} ({encoder.encoder.config.model_type}, "
           f"{sum(p.numel() for p in encoder.parameters()):,} parameters, untuned), {cfg.pooling} pooling")
+    clear()  # the inputs are good: another run's results (--overwrite) may go now
     os.makedirs(cfg.out_dir, exist_ok=True)
     # The cosine of each pair's two vectors, through the one inference road (model.Encoder).
     scores_of = engine.Inference(encoder.pair_cosine, "siamese", rt, cfg.batch_size, cfg.shapes, cfg.compile,

@@ -14,6 +14,7 @@ with `--flag false` (or `--no_flag` when the default is on), unknown flags are e
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 from dataclasses import MISSING, field, fields
@@ -132,14 +133,16 @@ class Interrupted(BaseException):
 def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
     """SIGTERM (whose default kills at once, leaving half-written temp files) and SIGINT raise
     Interrupted inside the block; later ones are ignored until the block is left, so that they
-    cannot cut the clean-up short. (train.py's loop and serve.py's server put their own handlers
-    in place while they run.)"""
+    cannot cut the clean-up short. Only where the signal has Python's default handling: one that
+    is ignored (a job started with & ignores Ctrl-C) or handled by a host program stays so.
+    (train.py's loop and serve.py's server put their own handlers in place while they run.)"""
     def stop(signum, frame):
         for s in signums:
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signal.Signals(signum))
+    defaults = (signal.SIG_DFL, signal.default_int_handler)
     try:
-        previous = {s: signal.signal(s, stop) for s in signums}
+        previous = {s: signal.signal(s, stop) for s in signums if signal.getsignal(s) in defaults}
     except ValueError:  # not the main thread (signals go to it only): nothing to install
         previous = {}
     try:
@@ -149,18 +152,22 @@ def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
             signal.signal(s, handler)
 
 
-def run(fn, *args):
+def run(fn, *args, again="run the same command again"):
     """Call a script's body; a UserError becomes one line on stderr and exit code 2, and so does
     an OSError of the disk or permissions kind (WRITE_ERRNOS), naming the path. Ctrl-C or SIGTERM
-    stops it cleanly: one line, and the shell's code for the signal (130, 143)."""
+    stops it cleanly: temp files and locks go, one line, then the process ends by that signal, as
+    a shell expects (a loop of commands stops at Ctrl-C; $? is 130 or 143); `again` is the fix it
+    names."""
     try:
         with stop_on_signals():
             return fn(*args)
     except Interrupted as e:
         sig = e.args[0]
-        print(f"error: stopped by {sig.name} before it finished (files it was writing were removed). Fix: run "
-              "the same command again", file=sys.stderr)
-        sys.exit(128 + sig)
+        print(f"error: stopped by {sig.name} before it finished (its temp files removed; what it had written "
+              f"stays, maybe incomplete). Fix: {again}", file=sys.stderr, flush=True)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        sys.exit(128 + sig)  # only if the signal is blocked here
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

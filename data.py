@@ -179,10 +179,12 @@ def check_out_dir(out_dir, inputs=(), what="a data folder", writer="preprocess.p
                         "pass a new or empty folder")
     try:  # files its manifest does not list were put there by someone else: replacing would delete them
         with open(os.path.join(out_dir, "manifest.json")) as f:
-            listed = set(json.load(f).get("files", {}))
+            listed = json.load(f).get("files")
     except (OSError, ValueError, AttributeError):
-        return  # a damaged folder of ours (rebuilding it is the fix its loaders give)
-    foreign = sorted(set(os.listdir(out_dir)) - listed - {"manifest.json"})
+        listed = None
+    if not isinstance(listed, dict):
+        return  # a damaged folder of ours: rebuilding it is the fix its loaders give
+    foreign = sorted(set(os.listdir(out_dir)) - set(listed) - {"manifest.json"})
     if foreign:
         raise UserError(f"--out_dir {out_dir} holds files that {writer} did not write ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}), and rebuilding would delete them",

@@ -171,11 +171,12 @@ def build_optimizer(model, lr, weight_decay, rt, encoder_lr=0.0):
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict(state), keeping the update kernel build_optimizer chose for this
     device: load_state_dict takes every group setting from the file, so a run saved on a CPU would
-    lose the fused CUDA update when resumed on a GPU, and one saved on a GPU would take it to a CPU."""
+    lose the fused CUDA update when resumed on a GPU, and one saved on a GPU would take it to a CPU.
+    The choice goes into the state before loading, as loading places each step counter by it (a
+    CPU counter would stop the fused CUDA update)."""
     kernel = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, chosen in zip(optimizer.param_groups, kernel):
-        group.update(chosen)
+    optimizer.load_state_dict({**state, "param_groups": [{**saved, **chosen} for saved, chosen in
+                                                         zip(state["param_groups"], kernel)]})
 
 
 def build_scheduler(optimizer, total_steps, warmup_ratio):

@@ -89,13 +89,16 @@ def evaluate(cfg):
                 "input": {"csv_sha256": file_sha256(cfg.csv), "data": data_id} if cfg.csv else
                 {"split": cfg.split, "data": data_id}}
     out_dir = cfg.out_dir or default_out_dir(cfg, this_run["input"], own, data_dir)
-    with report.results_folder(out_dir, this_run, cfg.overwrite, inputs=(cfg.checkpoint, cfg.csv, data_dir)):
+    with report.results_folder(out_dir, this_run, cfg.overwrite, inputs=(cfg.checkpoint, cfg.csv, data_dir)) as clear:
         if cfg.csv:
-            datasets, extra = read_csv(cfg, data, out_dir)
+            datasets, extra, rejects = read_csv(cfg, data)
             validation = PairDataset(data_dir, "validation") if data_dir else None
         else:
-            (datasets, validation), extra = open_splits(data_dir, cfg.split), {}
+            (datasets, validation), extra, rejects = open_splits(data_dir, cfg.split), {}, None
+        clear()  # the inputs are good: another run's results (--overwrite) may go now
         os.makedirs(out_dir, exist_ok=True)
+        if rejects is not None:
+            write_rejects(os.path.join(out_dir, "rejects.tsv"), rejects)
         model.to(rt.device)
         scores_of = engine.Inference(model.probability, model.cfg.arch, rt, cfg.batch_size, cfg.shapes, cfg.compile,
                                      cfg.num_workers, max_len=data["max_len"])
@@ -143,15 +146,12 @@ def default_out_dir(cfg, input_id, own, data_dir):
     return os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), name)
 
 
-def read_csv(cfg, data, out_dir):
-    """({file stem: its pairs}, extra fields for results.json); its unusable rows go to
-    out_dir/rejects.tsv, and pairs with a question the vocabulary cannot read are counted."""
+def read_csv(cfg, data):
+    """({file stem: its pairs}, extra fields for results.json, its unusable rows for rejects.tsv);
+    pairs with a question the vocabulary cannot read are counted."""
     tok = checkpoint_tokenizer(cfg.checkpoint, data)
     dataset, pairs, rejects, rows_read = pairs_from_file(cfg.csv, tok, data["max_len"], data["pad_token_id"])
-    os.makedirs(out_dir, exist_ok=True)
-    write_rejects(os.path.join(out_dir, "rejects.tsv"), rejects)
-    print(f"{cfg.csv}: {rows_read:,} rows, {len(rejects):,} rejected"
-          f"{' (see ' + os.path.join(out_dir, 'rejects.tsv') + ')' if rejects else ''}, "
+    print(f"{cfg.csv}: {rows_read:,} rows, {len(rejects):,} rejected{' (see rejects.tsv)' if rejects else ''}, "
           f"{len(dataset):,} pairs evaluated")
     unreadable = unreadable_pairs(tok, dataset)
     if unreadable.any():
@@ -160,7 +160,7 @@ def read_csv(cfg, data, out_dir):
               f"{pairs['row'][int(np.flatnonzero(unreadable)[0])]}): their scores mean nothing",
               file=sys.stderr)
     return {file_stem(cfg.csv): dataset}, {"rows_read": rows_read, "rows_rejected": len(rejects),
-                                           "pairs_unreadable": int(unreadable.sum())}
+                                           "pairs_unreadable": int(unreadable.sum())}, rejects
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def check_config(cfg):
         raise UserError("give either two questions or --csv FILE", 'e.g. predict.py out/ckpt.pt "Q1?" "Q2?"')
     check_ranges(cfg, RANGES)
     if not cfg.csv:
-        if not cfg.question2:  # not given at all
+        if not cfg.question2:  # one positional question only (an empty second one reads the same)
             raise UserError("one question given: a pair needs two", 'pass two questions in quotes, e.g. predict.py '
                             'out/ckpt.pt "How do I learn Python?" "What is the best way to learn Python?"')
         return

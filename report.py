@@ -24,8 +24,8 @@ from data import FolderLock, check_apart_from_inputs, check_writable, fingerprin
 # Every file a results folder holds: report_datasets' scores and plots, write_results' results.json,
 # evaluate.py's rejects.tsv, search.py's per_query.csv and speed.json (--speed's results). A folder
 # with anything else in it is not a results folder.
-RESULT_FILE = re.compile(r"results\.json|speed\.json|rejects\.tsv|per_query\.csv|scores_.+\.npz"
-                         r"|.+_(pr_curve|roc_curve|confusion_matrix|score_histogram)\.png")
+RESULT_FILE = re.compile(r"(results|speed)\.json(\.tmp-\d+)?|rejects\.tsv|per_query\.csv|scores_.+\.npz"
+                         r"|.+_(pr_curve|roc_curve|confusion_matrix|score_histogram)\.png")  # tmp: a killed write
 FINISHED = ("results.json", "speed.json")  # written last, by a run that finished: what names it
 
 
@@ -38,15 +38,17 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
     """Before any work: out_dir can take this run's results. It must be writable, no input, in
     none and holding none, hold nothing but results files, and hold no results of another run
     (this_run: the fields of its results.json or speed.json that identify a run, e.g. script, model
-    and input; a re-run of the same run replaces its own). overwrite lets another run's results
-    go: they are deleted here, so that a folder never mixes two runs' files."""
+    and input; a re-run of the same run replaces its own; fields a file of the same script lacks,
+    being older, are not compared). overwrite lets another run's results go: returns the files to
+    delete, once this run's inputs have been read (results_folder's clear), so that a folder never
+    mixes two runs' files and a bad input never costs the results it would replace."""
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new, or one holding this run's "
                         "results)")
     check_writable(out_dir)
     check_apart_from_inputs(out_dir, inputs)
     if not os.path.isdir(out_dir):
-        return
+        return []
     names = sorted(os.listdir(out_dir))
     foreign = [n for n in names if not RESULT_FILE.fullmatch(n)]
     if foreign:
@@ -59,28 +61,34 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
         except (OSError, ValueError):
             earlier = {}
         earlier = earlier if isinstance(earlier, dict) else {}
-        if {k: earlier.get(k) for k in this_run} != this_run:
+        if earlier.get("script") != this_run["script"] or \
+                any(earlier.get(k, v) != v for k, v in this_run.items()):
             break
     else:
-        return
+        return []
     if not overwrite:
         model = earlier.get("checkpoint") or earlier.get("encoder") or earlier.get("index") or "unknown"
         split = f" on {earlier['split']}" if earlier.get("split") else ""
         where = f" of {earlier['data_dir']}" if earlier.get("data_dir") else ""
         raise UserError(f"--out_dir {out_dir} holds the results of another run ({earlier.get('script')} of "
                         f"{model}{split}{where})", "pass another --out_dir, or --overwrite to replace them")
-    for name in names:
-        os.remove(os.path.join(out_dir, name))
+    return names
 
 
 @contextmanager
 def results_folder(out_dir, this_run, overwrite=False, inputs=()):
     """out_dir held for this run's life (data.FolderLock: a second run into it is refused, not
-    mixed in), then checked as check_results_dir does."""
+    mixed in) and checked as check_results_dir does. Yields clear(): the script calls it once its
+    inputs are read, before writing, and another run's results (--overwrite) go then."""
     check_apart_from_inputs(out_dir, inputs)  # before its lock file goes beside it
     with FolderLock(out_dir):
-        check_results_dir(out_dir, this_run, overwrite, inputs)
-        yield
+        doomed = check_results_dir(out_dir, this_run, overwrite, inputs)
+
+        def clear():
+            for name in doomed:
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+        yield clear
 
 
 def tune_thresholds(labels, scores):

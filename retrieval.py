@@ -247,11 +247,9 @@ def search_matrix(vectors, device):
 
 def is_index_folder(path):
     try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
+        return read_index_manifest(path) is not None
+    except UserError:  # a folder of another kind (a data folder), or a damaged manifest
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT
 
 
 def read_index_manifest(path):

@@ -45,7 +45,7 @@ import numpy as np
 import engine
 import report
 import retrieval
-from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, run
+from cli import WORKERS_RANGE, UserError, arg, check_ranges, parse_config, require_packages, run
 from data import check_out_file, check_writable
 from measure import measure_speed
 from model import describe_model
@@ -94,8 +94,9 @@ def main(argv=None):
 def search(cfg):
     check_config(cfg)
     if cfg.eval or cfg.speed:  # a results folder of its own, held for the run (no other run's results in it)
-        with report.results_folder(cfg.out_dir or results_dir(cfg), this_run(cfg), cfg.overwrite, input_paths(cfg)):
-            return answer(cfg)
+        with report.results_folder(cfg.out_dir or results_dir(cfg), this_run(cfg), cfg.overwrite,
+                                   input_paths(cfg)) as clear:
+            return answer(cfg, clear)
     return answer(cfg)
 
 
@@ -103,7 +104,9 @@ def input_paths(cfg):
     return [os.path.realpath(p) for p in (cfg.index, cfg.queries, cfg.eval, cfg.checkpoint) if p]
 
 
-def answer(cfg):
+def answer(cfg, clear=None):
+    """clear: for --eval / --speed, deletes another run's results (--overwrite) when called, once
+    this run's results are computed."""
     index = retrieval.Index(cfg.index)
     if cfg.ann:
         index.ann  # fail now, not after the queries are embedded, if it has none
@@ -119,9 +122,9 @@ def answer(cfg):
     if qe is not None:
         qe.to(rt.device)
     if cfg.speed:
-        return speed(cfg, index, rt)
+        return speed(cfg, index, rt, clear)
     if cfg.eval:
-        return evaluate(cfg, index, qe, rt)
+        return evaluate(cfg, index, qe, rt, clear)
     texts = qs.texts if qs else [cfg.query.strip()]
     scores, rows, probs, ann_recall = retrieve(cfg, index, qe, texts, rt, np.zeros((len(texts), 0), np.int64))
     score_name = "bm25" if cfg.bm25 else "cosine"
@@ -150,6 +153,8 @@ def check_config(cfg):
     check_ranges(cfg, RANGES)
     if cfg.split != "test" and not cfg.eval:
         raise UserError(f"--split {cfg.split} without --eval", "add --eval DATA_DIR (the split is the benchmark's)")
+    if cfg.bm25:
+        require_packages(("bm25s",), "--bm25", "drop --bm25")
     if cfg.ann and cfg.bm25:
         raise UserError("--ann and --bm25 together", "--ann searches the vectors approximately, --bm25 the "
                         "texts: pick one")
@@ -243,7 +248,7 @@ def this_run(cfg):
             "data_dir": os.path.abspath(cfg.eval) if cfg.eval else None}
 
 
-def evaluate(cfg, index, qe, rt):
+def evaluate(cfg, index, qe, rt, clear):
     """The retrieval benchmark of the data folder --eval, on an index of exactly that folder."""
     queries, relevant, outside = eval_protocol(cfg.eval, len(index), cfg.split)
     check_k(cfg.k, len(index) - len(outside) - 1)
@@ -253,6 +258,7 @@ def evaluate(cfg, index, qe, rt):
     metrics, per_query = ranking_metrics(rows, relevant)
     label = system_label(cfg, index)
     out_dir = cfg.out_dir or results_dir(cfg)
+    clear()
     os.makedirs(out_dir, exist_ok=True)
     results = {**this_run(cfg), "system": label, "config": asdict(cfg), "model": index.manifest["model"],
                "split": cfg.split,
@@ -281,7 +287,7 @@ def evaluate(cfg, index, qe, rt):
     return results
 
 
-def speed(cfg, index, rt):
+def speed(cfg, index, rt, clear):
     """Latency of exact and ANN search on this index: 200 of its rows as queries, each kept out of
     its own answers."""
     rows = np.sort(np.random.default_rng(0).choice(len(index), min(200, len(index)), replace=False))
@@ -290,8 +296,9 @@ def speed(cfg, index, rt):
     if index.manifest.get("ann") is not None:
         built = index.ann, {**index.manifest["ann"], "nprobe": cfg.nprobe or index.manifest["ann"]["nprobe"]}
     result = measure_speed(index.vectors, np.asarray(index.vectors[rows], np.float32), rt, k=cfg.k,
-                                     exclude=rows[:, None], ann=built)
+                           exclude=rows[:, None], ann=built)
     out_dir = cfg.out_dir or results_dir(cfg)
+    clear()
     os.makedirs(out_dir, exist_ok=True)
     report.write_results(out_dir, {**this_run(cfg), **result}, "speed.json", say=False)
     ex, ann = result["exact"], result["ann"]

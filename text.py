@@ -59,7 +59,7 @@ def open_lines(path):
                         raise UserError(f"{path}: the file is UTF-16 (a BOM or NUL bytes in its first line), "
                                         "not UTF-8", "re-save it as UTF-8, e.g. iconv -f utf-16 -t utf-8 "
                                         "in.csv > out.csv")
-                    if line_no == 1 and b"\r" in line.rstrip(b"\r\n"):  # one "line" of the whole file
+                    if line_no == 1 and line.rstrip(b"\r\n").count(b"\r") > 1:  # the whole file as one line
                         raise UserError(f"{path}: its lines end in a bare carriage return (classic Mac line "
                                         "breaks), which this reader does not split on", "convert them, e.g. "
                                         "tr '\\r' '\\n' < in.csv > out.csv")
@@ -85,6 +85,23 @@ def csv_reader(lines, delimiter):
     return csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=False)
 
 
+def table_rows(lines, delimiter):
+    """The data rows after a header line, one at a time: (row number, the file line it starts on,
+    the line after it, fields, None), or (..., None, why) for a row the csv module cannot parse (a
+    stray carriage return in an unquoted field): that row is rejected, the file goes on."""
+    reader = csv_reader(lines, delimiter)
+    row_no, line = 0, 2  # line: where the next row starts (the header is line 1)
+    while True:
+        try:
+            fields, problem = next(reader), None
+        except StopIteration:
+            return
+        except csv.Error as e:
+            fields, problem = None, f"cannot be parsed ({str(e).split(' - ')[0]})"
+        row_no, start, line = row_no + 1, line, reader.line_num + 2
+        yield row_no, start, line, fields, problem
+
+
 def sniff_delimiter(path, first_line):
     """Tab for a .tsv name or a header with more tabs than commas, else comma."""
     tsv = ".tsv" in os.path.basename(path).lower() or first_line.count("\t") > first_line.count(",")
@@ -100,7 +117,11 @@ def read_header(path, lines, fix):
         raise UserError(f"{path}: line 1 is blank, and a table's header must be its first line",
                         "delete the blank line(s) at the top of the file")
     delimiter = sniff_delimiter(path, first)
-    return delimiter, next(csv_reader([first], delimiter))
+    try:
+        return delimiter, next(csv_reader([first], delimiter))
+    except csv.Error as e:  # a stray carriage return in it
+        raise UserError(f"{path}: line 1, the header, cannot be parsed ({str(e).split(' - ')[0]})",
+                        "remove the carriage return from the header line") from None
 
 
 def find_column(header, names, path, what):
@@ -147,18 +168,11 @@ def read_pairs(path, require_label=True):
              "qid2": [] if has_qids else None, "label": [] if cl is not None else None, "row": [],
              "line": [], "id": [] if cid is not None else None}
     rejects = []
-    reader = csv_reader(lines, delimiter)
-    row_no, line = 0, 2  # line: the file line where the current row starts (header is line 1)
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:  # a stray carriage return in an unquoted field: this row only
-            row_no, start, line = row_no + 1, line, reader.line_num + 2
-            rejects.append((row_no, start, f"cannot be parsed ({str(e).split(' - ')[0]})"))
+    row_no = 0
+    for row_no, start, line, fields, problem in table_rows(lines, delimiter):
+        if problem:
+            rejects.append((row_no, start, problem))
             continue
-        row_no, start, line = row_no + 1, line, reader.line_num + 2
         if not fields:  # blank line
             rejects.append((row_no, start, "blank line"))
             continue
@@ -306,17 +320,9 @@ def table_questions(path):
                         f"question1/question2 of a pairs file; found {', '.join(header)})",
                         "name the column 'question', or pass a .txt with one question a line")
     id_col = find_column(header, QUESTION_ID_COLUMNS, path, None)
-    texts, ids, rejects, row_no, start = [], [], [], 0, 2
-    reader = csv_reader(lines, delimiter)
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:  # a stray carriage return in an unquoted field: this row only
-            fields, problem = None, f"cannot be parsed ({str(e).split(' - ')[0]})"
-        row_no += 1
-        if fields is None:
+    texts, ids, rejects, row_no = [], [], [], 0
+    for row_no, start, _, fields, problem in table_rows(lines, delimiter):
+        if problem:
             rejects.append((row_no, start, problem))
         elif len(fields) != len(header):
             rejects.append((row_no, start, "blank line" if not fields else
@@ -328,7 +334,6 @@ def table_questions(path):
         else:
             texts.append(fields[col].strip())
             ids.append(fields[id_col].strip() if id_col is not None else f"{file_stem(path)}:{start}")
-        start = reader.line_num + 2  # the file line where the next row starts (header is line 1)
     if not texts:
         raise UserError(f"{path}: none of its {row_no} rows is usable" + (
             f" (first: row {rejects[0][0]}, {rejects[0][2]})" if rejects else ""), "check the question column")

@@ -162,7 +162,9 @@ class TrainConfig:
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, __doc__)
     try:
-        run(train, cfg, given_flags(TrainConfig, argv))
+        # a signal outside the training loop (which saves and raises Stopped): before it, or in the test pass
+        run(train, cfg, given_flags(TrainConfig, argv), again="run it again, with --resume where it has saved "
+            "last.pt (the test pass runs then)")
     except Stopped as e:  # last.pt saved and everything closed; not 0, so `train.py && ...` stops here
         sys.exit(e.exit_code)
 

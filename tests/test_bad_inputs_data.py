@@ -99,6 +99,19 @@ def test_an_index_folder_is_not_replaced_by_a_data_folder(src, tmp_path, capsys)
     assert os.listdir(other) == ["manifest.json"]
 
 
+def test_a_folder_whose_manifest_lists_no_files_can_be_rebuilt(src, tmp_path, capsys):
+    """A damaged manifest (no file list) of a folder of ours: its files are not taken for someone
+    else's, and the rebuild its loaders name goes ahead."""
+    out = tmp_path / "prep"
+    preprocess.main([src, "--out_dir", str(out), "--max_len", "32"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    data.check_out_dir(str(out))  # no "files that preprocess.py did not write"
+    preprocess.main([src, "--out_dir", str(out), "--max_len", "32", "--force"])
+    assert "files" in json.loads((out / "manifest.json").read_text())
+
+
 def test_a_data_folder_says_what_it_is_and_older_ones_are_still_ours(src, tmp_path, capsys):
     """The manifest carries an explicit marker; a folder written before it (format_version only)
     is still rebuilt."""
@@ -259,10 +272,44 @@ def test_sigterm_or_ctrl_c_while_writing_leaves_no_temp_folder(src, tmp_path, ti
         p.send_signal(sig)
     for sig, (folder, marker, p) in procs.items():
         out, err = p.communicate(timeout=60)
-        assert p.returncode == 128 + sig, err
+        assert p.returncode == -sig, err  # ended by the signal (the shell's $? is 128 + it), as a shell expects
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and sig.name in lines[0], err
         assert leftovers(folder) == [] and not (folder / "prep").exists()
+
+
+WAIT_IN_RUN = """
+import sys, time
+sys.path.insert(0, {root!r})
+from cli import run
+def body():
+    print("ready", flush=True)
+    time.sleep(60)
+run(body)
+"""
+
+
+def test_ctrl_c_stops_a_shell_loop_of_scripts_and_a_background_job_keeps_ignoring_it(tmp_path):
+    """Ctrl-C reaches the whole foreground group: the script ends by SIGINT after its clean-up, so
+    the shell's loop stops too (a script that exits 130 instead would let the loop go on). A job
+    started with & ignores Ctrl-C, and cli.run leaves it so."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_IN_RUN.format(root=ROOT))
+    loop = subprocess.Popen(["bash", "-c", f"for i in 1 2 3; do {sys.executable} {script}; echo next $i; done"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert loop.stdout.readline().strip() == "ready"
+    os.killpg(loop.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    out, err = loop.communicate(timeout=60)
+    assert "next" not in out and "stopped by SIGINT" in err, (out, err)
+    job = subprocess.Popen(["bash", "-c", f"{sys.executable} {script} & echo $!; wait"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pid = int(job.stdout.readline())
+    assert job.stdout.readline().strip() == "ready"
+    os.killpg(job.pid, signal.SIGINT)
+    time.sleep(1)
+    os.kill(pid, 0)  # still running (else ProcessLookupError): the background job ignores SIGINT
+    os.killpg(job.pid, signal.SIGTERM)
+    job.communicate(timeout=60)
 
 
 # ----------------------------------------------------------------------------- 5. --max_len

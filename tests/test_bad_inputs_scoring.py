@@ -213,6 +213,21 @@ def json_values(tree, key):
     return []
 
 
+def test_overwrite_replaces_results_only_once_the_inputs_are_good(ckpt, tiny_data, indexed, tmp_path, capsys):
+    """--overwrite with an input that turns out bad (a file with no usable row, an index without
+    the ANN asked for) is one line, and the results it would have replaced are still there."""
+    out = tmp_path / "results"
+    evaluate.main([ckpt, "--out_dir", str(out)])
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    unusable = write_csv(tmp_path / "bad.csv", [[1, 1, 2, "Why?", "How?", "maybe"]] * 3)
+    assert "none of its 3 rows is usable" in fails(evaluate.main, [ckpt, "--csv", unusable, "--out_dir", str(out),
+                                                                   "--overwrite"], capsys)
+    assert "has no ANN index" in fails(search.main, [indexed, "--eval", tiny_data, "--ann", "--out_dir", str(out),
+                                                     "--overwrite"], capsys)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
 def test_a_results_folder_another_run_holds_is_refused(ckpt, tiny_data, tiny_bert_dir, indexed, tmp_path, capsys):
     """evaluate.py, baseline_cosine.py and search.py --eval / --speed hold their --out_dir for the
     run (data.FolderLock): a second run into it stops with the holder's pid instead of mixing its

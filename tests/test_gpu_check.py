@@ -52,6 +52,8 @@ def test_gpu_check_rehearsed_on_the_cpu(tmp_path):
                                             "    sys.modules[name] = None  # import fails, find_spec is None\n")
     out, site = tmp_path / "out", tmp_path / "site"
     env = {**os.environ, "PYTHONPATH": str(image), "OUT": str(out), "DEVICE": "cpu", "SITE": str(site),
+           "PROBE_S": "100", "TESTS_S": "80", "BENCH_S": "180",  # together under the 400 s below: a slow part
+           "E2E_S": "100",                                       # is named in check.txt, not lost to a timeout
            "PROBE_ARGS": "--encoder tiny --steps 3 --warmup_steps 2 --profile_steps 1 --score_pairs 256",
            "BENCH_ARGS": "--rows 1000 --data_batches 2 --batch_size 16 --warmup_steps 1 --train_steps 2 "
                          "--infer_pairs 32"}

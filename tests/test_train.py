@@ -319,10 +319,15 @@ def test_resume_on_another_machine_keeps_this_ones_scaler_and_update(tmp_path, t
         return optimizer
 
     monkeypatch.setattr(engine, "build_optimizer", fused_like_cuda)
+    loaded = []  # the groups load_state_dict is given: they decide where the step counters go
+    real_load = torch.optim.Optimizer.load_state_dict
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict",
+                        lambda self, state: loaded.append(state["param_groups"]) or real_load(self, state))
     code, printed, err = train_here(["--out_dir", out, "--resume", "--max_steps", "5"], capsys)
     assert code == 0, err[-2000:]
     assert "precision fp16" in printed and read_metrics(out)[-1]["step"] == 5
     assert all(group["fused"] for group in optimizers[0].param_groups)
+    assert loaded and all(group["fused"] for group in loaded[0])
     assert torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["scaler"]  # scaled now
 
 

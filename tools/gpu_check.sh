@@ -74,7 +74,9 @@ for part in $parts; do
            timeout -k 5 "$limit" python3 bench.py --device "$DEVICE" --stages gpu --data .device/qqp_first8k.csv.gz \
              --e2e_timeout "$E2E_S" --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" ;;
     suite) limit=$SUITE_S
-           timeout -k 5 "$limit" python3 -m pytest -q -x -p no:cacheprovider $(python3 -c "import xdist" 2>/dev/null && echo -n 8) 2>&1 | tee "$OUT/pytest_suite.log" ;;
+           workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+           timeout -k 5 "$limit" python3 -m pytest -q -x -p no:cacheprovider "${workers[@]}" 2>&1 \
+             | tee "$OUT/pytest_suite.log" ;;
     *) echo "unknown part '$part': use probe, tests, bench or suite" | tee -a "$OUT/check.txt"; continue ;;
   esac
   echo "== $part: exit ${PIPESTATUS[0]}, ${SECONDS} s (limit ${limit} s)" | tee -a "$OUT/check.txt"
