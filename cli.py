@@ -152,22 +152,36 @@ def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
             signal.signal(s, handler)
 
 
+def end_by_signal(sig, top_level):
+    """Leave after a signal stopped the run and it cleaned up. The program the shell started ends
+    by that signal, as a shell expects (a loop of commands stops at Ctrl-C; $? is 130 or 143); a
+    script's main() called from other Python code raises SystemExit(128 + sig) instead, so that
+    its caller (a notebook, a test) lives on."""
+    sys.stdout.flush()  # what was printed to a file or pipe, before the process ends
+    sys.stderr.flush()
+    if top_level:
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    sys.exit(128 + sig)  # in-process, or the signal is blocked here
+
+
 def run(fn, *args, again="run the same command again"):
     """Call a script's body; a UserError becomes one line on stderr and exit code 2, and so does
     an OSError of the disk or permissions kind (WRITE_ERRNOS), naming the path. Ctrl-C or SIGTERM
-    stops it cleanly: temp files and locks go, one line, then the process ends by that signal, as
-    a shell expects (a loop of commands stops at Ctrl-C; $? is 130 or 143); `again` is the fix it
-    names."""
+    stops it cleanly: temp files and locks go, one line naming `again` as the fix, then
+    end_by_signal (fn.__module__ is "__main__" where the script is the program)."""
     try:
         with stop_on_signals():
             return fn(*args)
     except Interrupted as e:
+        # a second Ctrl-C must not cut the message short
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         sig = e.args[0]
         print(f"error: stopped by {sig.name} before it finished (its temp files removed; what it had written "
-              f"stays, maybe incomplete). Fix: {again}", file=sys.stderr, flush=True)
-        signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-        sys.exit(128 + sig)  # only if the signal is blocked here
+              f"stays, maybe incomplete). Fix: {again}", file=sys.stderr)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        end_by_signal(sig, getattr(fn, "__module__", None) == "__main__")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

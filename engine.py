@@ -175,6 +175,8 @@ def load_optimizer_state(optimizer, state):
     The choice goes into the state before loading, as loading places each step counter by it (a
     CPU counter would stop the fused CUDA update)."""
     kernel = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    if len(kernel) != len(state["param_groups"]):
+        optimizer.load_state_dict(state)  # torch's own error names the mismatch
     optimizer.load_state_dict({**state, "param_groups": [{**saved, **chosen} for saved, chosen in
                                                          zip(state["param_groups"], kernel)]})
 
@@ -293,12 +295,13 @@ class StopSignal:
     """Ctrl-C / SIGTERM: the loop finishes its step, saves and exits. Under DDP the processes
     agree on when (each step, over a CPU group that does not wait for the GPU): a process leaving
     the loop alone would hang the others in their next all-reduce. They agree on which signal
-    too, so every process exits with its code (exit_code)."""
+    too, so every process ends by it (cli.end_by_signal). An ignored signal stays ignored (a job
+    started with & ignores Ctrl-C)."""
 
     def __init__(self, rt):
         self.rt, self.signals = rt, []
         self.previous = {sig: signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
+                         for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN}
         self.group = torch.distributed.new_group(backend="gloo") if rt.world > 1 else None
 
     def close(self):
@@ -321,12 +324,6 @@ class StopSignal:
         flag = torch.tensor([mine], dtype=torch.int64)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return int(flag.item())
-
-    @staticmethod
-    def exit_code(signum):
-        """The shell's code for a process ended by this signal (130 Ctrl-C, 143 SIGTERM): a stopped
-        run saves and exits cleanly, but not with 0, so `train.py && evaluate.py` stops there."""
-        return 128 + signum
 
 
 def rng_state():

@@ -38,10 +38,10 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
     """Before any work: out_dir can take this run's results. It must be writable, no input, in
     none and holding none, hold nothing but results files, and hold no results of another run
     (this_run: the fields of its results.json or speed.json that identify a run, e.g. script, model
-    and input; a re-run of the same run replaces its own; fields a file of the same script lacks,
-    being older, are not compared). overwrite lets another run's results go: returns the files to
-    delete, once this run's inputs have been read (results_folder's clear), so that a folder never
-    mixes two runs' files and a bad input never costs the results it would replace."""
+    and input; a re-run of the same run replaces its own). Returns the files to delete once this
+    run's inputs have been read (results_folder's clear): another run's results where overwrite
+    lets them go, the leftovers of a run cut short (no finished results: nothing to lose), so that
+    a folder never mixes two runs' files and a bad input never costs the results it would replace."""
     if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file", "pass a folder path (new, or one holding this run's "
                         "results)")
@@ -54,15 +54,17 @@ def check_results_dir(out_dir, this_run, overwrite=False, inputs=()):
     if foreign:
         raise UserError(f"--out_dir {out_dir} holds files that are not results ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''})", "pass a new or empty --out_dir")
-    for name in (n for n in FINISHED if n in names):  # none: empty, or a run cut short: nothing to lose
+    finished = [n for n in FINISHED if n in names]
+    if not finished:
+        return names  # empty, or the files of a run cut short: nothing finished to lose
+    for name in finished:
         try:
             with open(os.path.join(out_dir, name)) as f:
                 earlier = json.load(f)
         except (OSError, ValueError):
             earlier = {}
         earlier = earlier if isinstance(earlier, dict) else {}
-        if earlier.get("script") != this_run["script"] or \
-                any(earlier.get(k, v) != v for k, v in this_run.items()):
+        if {k: earlier.get(k) for k in this_run} != this_run:
             break
     else:
         return []

@@ -59,7 +59,7 @@ def open_lines(path):
                         raise UserError(f"{path}: the file is UTF-16 (a BOM or NUL bytes in its first line), "
                                         "not UTF-8", "re-save it as UTF-8, e.g. iconv -f utf-16 -t utf-8 "
                                         "in.csv > out.csv")
-                    if line_no == 1 and line.rstrip(b"\r\n").count(b"\r") > 1:  # the whole file as one line
+                    if line_no == 1 and not line.endswith(b"\n") and b"\r" in line.rstrip(b"\r"):  # no LF at all
                         raise UserError(f"{path}: its lines end in a bare carriage return (classic Mac line "
                                         "breaks), which this reader does not split on", "convert them, e.g. "
                                         "tr '\\r' '\\n' < in.csv > out.csv")

@@ -34,8 +34,8 @@ Writes to --out_dir:
 change safely (more --epochs or --max_steps, intervals, workers, the data folder's path) apply and
 are named; any other flag that differs from the saved run is refused. One run at a time holds
 --out_dir (a lock beside it, <out_dir>.lock): a second one is refused, naming the first one's pid.
-Ctrl-C or SIGTERM: the step finishes, last.pt is saved, and the exit code is 130 or 143, not 0, so
-`train.py && evaluate.py` stops there.
+Ctrl-C or SIGTERM: the step finishes, last.pt is saved, and the process ends by that signal ($? is
+130 or 143, not 0), so `train.py && evaluate.py`, and a shell loop of runs, stop there.
 """
 import json
 import math
@@ -54,7 +54,7 @@ import torch
 import distill
 import engine
 import objectives
-from cli import MAX_WORKERS, UserError, arg, check_ranges, given_flags, interval, parse_config, run
+from cli import MAX_WORKERS, UserError, arg, check_ranges, end_by_signal, given_flags, interval, parse_config, run
 from data import (FolderLock, PairDataset, check_apart_from_inputs, check_writable, fingerprint, make_loader,
                   shapes_of, to_device)
 from metrics import compute_metrics, format_report, json_safe
@@ -166,15 +166,16 @@ def main(argv=None):
         run(train, cfg, given_flags(TrainConfig, argv), again="run it again, with --resume where it has saved "
             "last.pt (the test pass runs then)")
     except Stopped as e:  # last.pt saved and everything closed; not 0, so `train.py && ...` stops here
-        sys.exit(e.exit_code)
+        end_by_signal(e.signum, train.__module__ == "__main__")
 
 
 class Stopped(Exception):
-    """A signal stopped the run; it has saved last.pt and cleaned up. main exits with exit_code."""
+    """A signal stopped the run; it has saved last.pt and cleaned up. main ends by that signal
+    (cli.end_by_signal: $? is 130 or 143, not 0, so `train.py && evaluate.py` stops there)."""
 
     def __init__(self, signum):
         super().__init__(f"stopped by signal {signum}")
-        self.exit_code = engine.StopSignal.exit_code(signum)
+        self.signum = signum
 
 
 def train(cfg, given=()):

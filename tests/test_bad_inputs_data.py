@@ -249,7 +249,7 @@ np.save = save_and_wait
 
 @pytest.mark.parametrize("script", ["preprocess", "index"])
 def test_sigterm_or_ctrl_c_while_writing_leaves_no_temp_folder(src, tmp_path, tiny_bert_dir, script):
-    """SIGTERM (exit 143) or SIGINT (exit 130) while the temp folder is half written (a data folder,
+    """SIGTERM or SIGINT (exit 143 or 130) while the temp folder is half written (a data folder,
     an index): it is removed, so is the lock, and the error is one line. Both runs go at once (each
     imports transformers)."""
     procs = {}
@@ -272,18 +272,18 @@ def test_sigterm_or_ctrl_c_while_writing_leaves_no_temp_folder(src, tmp_path, ti
         p.send_signal(sig)
     for sig, (folder, marker, p) in procs.items():
         out, err = p.communicate(timeout=60)
-        assert p.returncode == -sig, err  # ended by the signal (the shell's $? is 128 + it), as a shell expects
+        assert p.returncode == 128 + sig, err  # main() called from Python (-c): SystemExit, not death by it
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and sig.name in lines[0], err
         assert leftovers(folder) == [] and not (folder / "prep").exists()
 
 
 WAIT_IN_RUN = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, {root!r})
 from cli import run
 def body():
-    print("ready", flush=True)
+    print("ready", os.getpid(), flush=True)
     time.sleep(60)
 run(body)
 """
@@ -297,19 +297,47 @@ def test_ctrl_c_stops_a_shell_loop_of_scripts_and_a_background_job_keeps_ignorin
     script.write_text(WAIT_IN_RUN.format(root=ROOT))
     loop = subprocess.Popen(["bash", "-c", f"for i in 1 2 3; do {sys.executable} {script}; echo next $i; done"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert loop.stdout.readline().strip() == "ready"
-    os.killpg(loop.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-    out, err = loop.communicate(timeout=60)
-    assert "next" not in out and "stopped by SIGINT" in err, (out, err)
-    job = subprocess.Popen(["bash", "-c", f"{sys.executable} {script} & echo $!; wait"], stdout=subprocess.PIPE,
+    try:
+        assert loop.stdout.readline().startswith("ready")
+        os.killpg(loop.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, err = loop.communicate(timeout=60)
+        assert "next" not in out and "stopped by SIGINT" in err, (out, err)
+    finally:
+        kill_group(loop)
+    job = subprocess.Popen(["bash", "-c", f"{sys.executable} {script} & wait"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    pid = int(job.stdout.readline())
-    assert job.stdout.readline().strip() == "ready"
-    os.killpg(job.pid, signal.SIGINT)
-    time.sleep(1)
-    os.kill(pid, 0)  # still running (else ProcessLookupError): the background job ignores SIGINT
-    os.killpg(job.pid, signal.SIGTERM)
-    job.communicate(timeout=60)
+    try:
+        pid = int(job.stdout.readline().split()[1])
+        os.killpg(job.pid, signal.SIGINT)  # ignored by the job (bash may die of it)
+        os.kill(pid, signal.SIGTERM)  # what stops it, then: the one line names SIGTERM, not SIGINT
+        _, err = job.communicate(timeout=60)
+        assert "stopped by SIGTERM" in err and "SIGINT" not in err, err
+    finally:
+        kill_group(job)
+
+
+def test_a_signal_in_a_script_called_in_process_leaves_its_caller_alive(capsys):
+    """main() called from Python (a notebook, a test): a signal stops the script with SystemExit(128 +
+    the signal) and its caller goes on, with its own signal handlers back."""
+    from cli import run
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def body():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises within this
+    with pytest.raises(SystemExit) as e:
+        run(body)
+    assert e.value.code == 128 + signal.SIGTERM and "stopped by SIGTERM" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def kill_group(proc):
+    """A test's shell and what it started, gone whatever the test found."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate(timeout=60)
 
 
 # ----------------------------------------------------------------------------- 5. --max_len
@@ -389,6 +417,18 @@ def test_a_blank_first_line_is_named_as_such(tmp_path):
     with pytest.raises(UserError) as e:
         text.read_pairs(str(path))
     assert "line 1 is blank" in str(e.value) and "empty" not in str(e.value)
+
+
+def test_a_stray_cr_in_the_header_and_a_one_row_mac_file_are_named(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(HEADER.replace("question2", "ques\rtion2") + ROWS, newline="")
+    with pytest.raises(UserError) as e:
+        text.read_pairs(str(path))
+    assert "line 1, the header, cannot be parsed" in str(e.value)
+    path.write_text((HEADER + ROWS.splitlines(keepends=True)[0]).replace("\n", "\r"), newline="")
+    with pytest.raises(UserError) as e:
+        text.read_pairs(str(path))
+    assert "bare carriage return" in str(e.value)
 
 
 def test_a_nul_byte_in_a_utf8_header_is_not_called_utf16(tmp_path):
