@@ -157,7 +157,12 @@ class Plan:
 
 def make_plan(cfg, rt):
     check_ranges(cfg, RANGES)
-    check_out_file(cfg.out, (cfg.data, cfg.search_index), overwrite=True, example="bench.json")
+    encoder_dir = cfg.encoder if os.path.isdir(cfg.encoder) else ""
+    check_out_file(cfg.out, (cfg.data, cfg.search_index, cfg.serve_index, encoder_dir), overwrite=True,
+                   example="bench.json")
+    if os.path.isfile(cfg.out) and not is_bench_report(cfg.out):  # an earlier report is replaced, nothing else
+        raise UserError(f"--out {cfg.out}: exists and is not a bench.py report", "pass a new file, or an earlier "
+                        "bench.json")
     # before any stage, as the report is written after each one; its folder: the file may exist
     check_writable(cfg.out, "--out")
     named = cfg.stages.split(",")
@@ -673,10 +678,21 @@ def bench(cfg):
     return report
 
 
+def is_bench_report(path):
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "stages" in report and "table" in report
+
+
 def write_report(report, path):
     report["table"] = [r for s in report["stages"].values() for r in s["rows"]]
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # renamed whole: a killed run leaves its last whole report
+    with open(tmp, "w") as f:
         json.dump(report, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def check_out_file(path, inputs=(), overwrite=False, example="out.csv", side_fil
     for p in (os.path.realpath(p) for p in inputs if p):
         if any(w == p or w.startswith(p + os.sep) for w in written):
             raise UserError(f"--out {path} is or lies in an input ({p}): writing would change it", "pass another --out")
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(os.sep):
         raise UserError(f"--out {path} is a folder", f"pass a file path, e.g. --out {example}")
     if os.path.exists(path) and not overwrite:
         raise UserError(f"--out {path} exists", "pass --overwrite to replace it, or another --out")

@@ -184,6 +184,10 @@ def load_teacher_file(path, train):
             pairs, probs, record = f["pairs"], f["probs"], json.loads(str(f["record"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated .npz
         raise UserError(f"{path}: not a teacher file teach.py wrote ({type(e).__name__})", fix) from None
+    if not isinstance(record, dict) or probs.ndim != 1 or not np.issubdtype(probs.dtype, np.floating) or \
+            not np.issubdtype(pairs.dtype, np.integer):
+        raise UserError(f"{path}: not a teacher file teach.py wrote (its record, probs or pairs are of another kind)",
+                        fix)
     if record.get("format") != FORMAT:
         raise UserError(f"{path}: format {record.get('format')}, this code reads {FORMAT}", fix)
     if record.get("data_fingerprint") != fingerprint(train.manifest):
@@ -193,6 +197,7 @@ def load_teacher_file(path, train):
     if pairs.ndim != 2 or pairs.shape[1] != 3 or len(probs) != len(pairs) or len(pairs) < n or \
             not np.array_equal(pairs[:n], np.asarray(train.pairs, dtype=np.int64)) or \
             (pairs[n:, 2] != NO_LABEL).any() or pairs[:, :2].max() >= len(train.offsets) - 1 or \
+            pairs[:, :2].min() < 0 or \
             not (np.isfinite(probs) & (probs >= 0) & (probs <= 1)).all():
         raise UserError(f"{path}: its pairs or probabilities do not fit {train.data_dir}'s training split: "
                         "the file is damaged", fix)

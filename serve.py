@@ -227,6 +227,8 @@ def check_config(cfg, token):
                         "could add questions", f"set {service.TOKEN_ENV} (or --token), or serve on 127.0.0.1")
     try:  # the port, before minutes of loading: in use, or not this machine's address
         with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
+            # as uvicorn binds: a port left in TIME_WAIT by a server just stopped is free, a listening one is not
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((cfg.host, cfg.port))
     except OSError as e:
         raise UserError(f"--host {cfg.host} --port {cfg.port}: cannot listen there ({e.strerror})",

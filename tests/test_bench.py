@@ -1,6 +1,7 @@
 """bench.py end to end on tiny settings: every stage runs, times what training runs, and reports
 numbers that follow from what it measured; no timing is asserted. reference.py's loops."""
 import json
+import os
 import random
 
 import numpy as np
@@ -114,6 +115,19 @@ def test_missing_rows_are_one_line_before_any_stage(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --data {tmp_path / 'nope.csv'}: no such file (the data, train stage(s)")
+
+
+def test_out_replaces_only_an_earlier_report(tmp_path, capsys):
+    """--out over a file that is not a bench report (a data folder's manifest, a CSV), or a path
+    ending in a separator, is one line before any stage; the file is untouched."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"format": "qqp-pair-data"}')
+    for out, message in ((str(manifest), "exists and is not a bench.py report"),
+                         (str(tmp_path / "newdir") + os.sep, "is a folder")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--stages", "data", "--out", out])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert manifest.read_text() == '{"format": "qqp-pair-data"}' and not (tmp_path / "newdir").exists()
 
 
 def test_unknown_stage_is_a_one_line_error(capsys):

@@ -131,6 +131,15 @@ def test_bad_teacher_inputs_are_one_line_errors(taught, tmp_path, tiny_bert_dir,
     truncated = tmp_path / "truncated.npz"
     with open(out, "rb") as f:
         truncated.write_bytes(f.read(500))  # a copy cut short
+    with np.load(out) as f:
+        saved = dict(f)
+    crafted = {}  # whole files with a part of the wrong kind
+    negative = saved["pairs"].copy()
+    negative[-1, 0] = -1  # a mined pair's qid below 0: it would wrap to the last question
+    for name, change in (("column", {"probs": saved["probs"][:, None]}), ("record", {"record": np.array("[1]")}),
+                         ("negative", {"pairs": negative})):
+        crafted[name] = str(tmp_path / f"{name}.npz")
+        np.savez(crafted[name], **{**saved, **change})
     cases = [
         (teach.main, ["--data_dir", other, "--teacher", ckpt, "--out", str(tmp_path / "t.npz"), *base],
          "may have seen this folder's validation"),  # a teacher of another folder
@@ -145,6 +154,10 @@ def test_bad_teacher_inputs_are_one_line_errors(taught, tmp_path, tiny_bert_dir,
                       "--teacher_file", ckpt], "not a teacher file"),
         (train.main, ["--data_dir", data, "--out_dir", str(tmp_path / "r"), "--loss", "distill",
                       "--teacher_file", str(truncated)], "not a teacher file teach.py wrote (BadZipFile)"),
+        *((train.main, ["--data_dir", data, "--out_dir", str(tmp_path / "r"), "--loss", "distill",
+                        "--teacher_file", crafted[name]], message)
+          for name, message in (("column", "are of another kind"), ("record", "are of another kind"),
+                                ("negative", "the file is damaged"))),
     ]
     for fn, argv, message in cases:
         with pytest.raises(SystemExit) as e:

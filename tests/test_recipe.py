@@ -62,3 +62,26 @@ def test_mix_untuned_at_its_ends_is_either_encoder_alone(tmp_path, tiny_data):
     with pytest.raises(SystemExit) as e:
         load_tool().main(["--data_dir", tiny_data, "--checkpoints", ckpt, "--mix_untuned", "1.5"])
     assert e.value.code == 2
+
+
+def test_out_and_flags_are_checked_before_any_work(tmp_path, tiny_data, capsys):
+    """--out is appended to: never an input (a checkpoint, the data folder), never a file this tool
+    did not write; the numeric flags have ranges. One line each, nothing written."""
+    ckpt = make_checkpoint(tmp_path / "run" / "ckpt.pt", tiny_data)
+    with open(ckpt, "rb") as f:
+        before = f.read()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    base = ["--data_dir", tiny_data, "--checkpoints", ckpt]
+    for argv, message in (([*base, "--out", ckpt], "is or lies in an input"),
+                          ([*base, "--out", str(notes)], "not a recipe_study.py results file"),
+                          ([*base, "--batch_size", "0"], "--batch_size 0: out of range"),
+                          ([*base, "--refit_lr", "-1"], "--refit_lr -1.0: out of range"),
+                          ([*base, "--alphas", "nan"], "--alphas nan: a weight must be 0 or more")):
+        with pytest.raises(SystemExit) as e:
+            load_tool().main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    with open(ckpt, "rb") as f:
+        assert f.read() == before
+    assert notes.read_text() == "mine\n"

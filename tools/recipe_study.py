@@ -27,12 +27,16 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 import retrieval  # noqa: E402
-from cli import UserError, arg, parse_config, run  # noqa: E402
-from data import PairDataset  # noqa: E402
+from cli import UserError, arg, check_ranges, interval, parse_config, run  # noqa: E402
+from data import PairDataset, check_out_file, check_writable  # noqa: E402
 from metrics import best_threshold, compute_metrics  # noqa: E402
 from model import (ModelConfig, interpolated, load_encoder, load_question_encoder,  # noqa: E402
                    pretrained_weights)
 from search_eval import EVAL_SPLITS, eval_protocol, excluded_rows, folder_benchmark, ranking_metrics  # noqa: E402
+
+
+RANGES = {name: interval(spec) for name, spec in {"batch_size": "[1, inf)", "refit_epochs": "[0, inf)",
+                                                  "refit_lr": "(0, inf)"}.items()}
 
 
 @dataclass
@@ -58,9 +62,31 @@ def main(argv=None):
     run(study, parse_config(StudyConfig, argv, __doc__))
 
 
+def check_out(cfg):
+    """--out: no input, and new or a JSON-lines file of this tool's (it is appended to)."""
+    check_out_file(cfg.out, (cfg.data_dir, *cfg.checkpoints), overwrite=True, example="recipe_study.jsonl",
+                   make_folder=True)
+    if os.path.isfile(cfg.out) and os.path.getsize(cfg.out):
+        try:
+            with open(cfg.out) as f:
+                first = json.loads(f.readline())
+            ok = isinstance(first, dict) and "model" in first
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"--out {cfg.out}: not a recipe_study.py results file (JSON lines), and it is appended "
+                            "to", "pass a new file or one this tool wrote")
+    check_writable(cfg.out, "--out")
+
+
 def study(cfg):
     if not cfg.checkpoints and not cfg.untuned:
         raise UserError("nothing to study", "pass --checkpoints and/or --untuned")
+    check_ranges(cfg, RANGES)
+    bad = [a for a in cfg.alphas if not a == a or a < 0]  # above 1 extrapolates, on purpose
+    if bad:
+        raise UserError(f"--alphas {' '.join(map(str, bad))}: a weight must be 0 or more", "e.g. --alphas 1 0.75")
+    check_out(cfg)
     if any(not 0 <= w <= 1 for w in cfg.mix_untuned):
         raise UserError(f"--mix_untuned {' '.join(map(str, cfg.mix_untuned))}: each weight is in [0, 1]",
                         "pass weights such as 0.5 0.75")
