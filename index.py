@@ -27,6 +27,7 @@ into the folder, with no model and no re-embedding.
 """
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -110,9 +111,13 @@ def build_locked(cfg):
                             "pass --add to append them, --rebuild to replace the index, or a new --out_dir")
         base = retrieval.Index(cfg.out_dir)
         base_ids, base_texts = base.questions
-        questions = first_of_each(questions, base_ids if questions.by_id else base_texts)
+        questions = first_of_each(questions, dict(zip(base_ids if questions.by_id else base_texts, base_texts)))
         print(f"--add: {len(questions.texts):,} questions are new, {questions.source['skipped']:,} already in "
               f"the index ({len(base):,} rows)")
+    if questions.source.get("conflicts"):
+        print(f"warning: {questions.source['conflicts']:,} rows give the id of an earlier question (in the file or "
+              f"the index) to another text (first: id {questions.source['first_conflict']}): not indexed, as one "
+              "id cannot name two questions; give them ids of their own", file=sys.stderr)
 
     rt = engine.setup_runtime(cfg.device, cfg.precision)
     qe.to(rt.device)

@@ -498,9 +498,9 @@ def make_app(service, batcher, limits, token="", about=None):
         return error(422, name, f"{name}: {e['msg'].removeprefix('Value error, ')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):  # 404, 405: the same one-line shape as every other error
-        return error(exc.status_code, "path" if exc.status_code in (404, 405) else "",
-                     f"{request.method} {request.url.path}: {exc.detail}")
+    async def _http_error(request, exc):  # 404, 405, 400: the same one-line shape as every other error
+        field = "path" if exc.status_code in (404, 405) else "body" if exc.status_code == 400 else ""
+        return error(exc.status_code, field, f"{request.method} {request.url.path}: {exc.detail}")
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc):
@@ -545,7 +545,8 @@ def make_app(service, batcher, limits, token="", about=None):
         if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), token.encode())):
             return JSONResponse({"error": "authorization: a valid 'Authorization: Bearer TOKEN' header is needed",
                                  "field": "authorization"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        if (req.questions is None) == (req.question is None):
+        one_form = (req.questions is None) != (req.question is None) and not (req.questions and req.id is not None)
+        if not one_form:
             raise ApiError(422, "questions", "questions: post {\"id\", \"question\"} or {\"questions\": "
                                              "[{\"id\", \"question\"}, ...]} (one of them)")
         new = req.questions if req.questions is not None else [NewQuestion(id=req.id, question=req.question)]

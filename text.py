@@ -359,17 +359,26 @@ def source_record(path, kind):
     return {"path": os.path.abspath(path), "kind": kind, "content": file_sha256(path)[:16]}
 
 
-def first_of_each(qs, known=()):
-    """The questions whose key (id, or text for files without ids) is neither in `known` nor
-    earlier in the file; the others are counted in qs.source["skipped"]."""
-    seen, keep = set(known), []
+def first_of_each(qs, known=None):
+    """The questions whose key (id, or text for files without ids) is neither in `known` ({key:
+    text} of the questions already there) nor earlier in the file; the others are counted in
+    qs.source["skipped"], and of those an id that comes back with another text (one id for two
+    questions: which one it names cannot be told) in qs.source["conflicts"], the first of them in
+    "first_conflict"."""
+    seen, keep, conflicts = dict(known or {}), [], []
     for i, key in enumerate(qs.ids if qs.by_id else qs.texts):
         if key not in seen:
-            seen.add(key)
+            seen[key] = qs.texts[i]
             keep.append(i)
+        elif seen[key] != qs.texts[i]:
+            conflicts.append(key)
     skipped = len(qs.texts) - len(keep)
+    source = {**qs.source, "skipped": qs.source.get("skipped", 0) + skipped,
+              "conflicts": qs.source.get("conflicts", 0) + len(conflicts)}
+    if conflicts and "first_conflict" not in source:
+        source["first_conflict"] = conflicts[0]
     return Questions([qs.texts[i] for i in keep], [qs.ids[i] for i in keep], qs.by_id, qs.rejects,
-                     qs.rows_read, {**qs.source, "skipped": qs.source.get("skipped", 0) + skipped})
+                     qs.rows_read, source)
 
 
 def file_stem(path):

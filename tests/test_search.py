@@ -478,3 +478,22 @@ def test_bm25_without_bm25s_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "bm25s", None)  # as if not installed
     with pytest.raises(UserError, match="BM25, the lexical baseline: bm25s not installed. Fix: pip install bm25s"):
         retrieval.BM25(["how do I learn python", "what is python"])
+
+
+def test_an_id_reused_for_another_text_is_named_not_dropped_silently(folder, tmp_path, capsys):
+    """A question file whose id names another text than the index's question of that id, or than
+    its own earlier row: the row is not indexed (one id cannot name two questions), and a warning
+    names how many and the first id; the same text again is merely already there."""
+    ids, texts = retrieval.Index(folder["index"]).questions
+    rows = [(ids[0], texts[0]),                   # in the index already, same text
+            (ids[1], "A different question entirely?"),  # the index's id, another text
+            ("new-1", "How do planes stay up?"),
+            ("new-1", "Why is the sky blue?")]    # reused within the file
+    added = write_csv(tmp_path / "more.csv", rows, header=("id", "question"))
+    out = str(tmp_path / "idx")
+    shutil.copytree(folder["index"], out)
+    index.main([folder["ckpt"], added, "--out_dir", out, "--add"])
+    err = capsys.readouterr().err
+    assert "warning: 2 rows give the id of an earlier question" in err and "first: id new-1" in err
+    new_ids, new_texts = retrieval.Index(out).questions
+    assert new_ids[len(ids):] == ["new-1"] and new_texts[len(ids):] == ["How do planes stay up?"]

@@ -266,6 +266,7 @@ def test_batching_off_runs_one_request_per_batch(fresh_index):
 LONG = "x" * 1001
 BAD_REQUESTS = [  # (path, body (json) or raw bytes, status, field)
     ("/search", b"{not json", 400, "body"),
+    ("/search", b'{"question": "\xff\xfe?"}', 400, "body"),  # not UTF-8
     ("/search", b"", 422, "body"),
     ("/search", [1, 2], 422, "body"),
     ("/search", {}, 422, "question"),
@@ -307,6 +308,7 @@ ADD_BAD = [  # (body, headers, status, field)
     ({"question": "q?", "questions": [{"question": "r?"}]}, AUTH, 422, "questions"),
     ({"questions": []}, AUTH, 422, "questions"),
     ({"questions": [{"question": "q?"}] * 257}, AUTH, 422, "questions"),
+    ({"questions": [{"id": "q1", "question": "q?"}], "id": "zz"}, AUTH, 422, "questions"),  # id of neither form
     ({"questions": [{"id": "x", "question": "q?"}, {"id": "x", "question": "r?"}]}, AUTH, 422, "id"),
     ({"id": "   ", "question": "q?"}, AUTH, 422, "id"),
     ({"id": 1.5, "question": "q?"}, AUTH, 422, "id"),
