@@ -525,7 +525,8 @@ def make_app(service, batcher, limits, token="", about=None):
         t0 = time.perf_counter()
         answers = await batcher.submit(Job("search", [req.question], {"k": req.k, "rerank": req.rerank}))
         return {"question": req.question, "k": req.k, "rerank": req.rerank, "results": answers,
-                "threshold": service.threshold, "ms": round((time.perf_counter() - t0) * 1000, 2)}
+                "threshold": service.threshold, "ms": round((time.perf_counter() - t0) * 1000, 2),
+                **unreadable_warning([req.question])}
 
     @app.post("/score", summary="duplicate probability of question pairs")
     async def score(req: ScoreRequest):
@@ -534,7 +535,16 @@ def make_app(service, batcher, limits, token="", about=None):
                                          "encoder); serve an index built with a checkpoint")
         texts = [p[0] for p in req.pairs] + [p[1] for p in req.pairs]
         answers = await batcher.submit(Job("score", texts))
-        return {"threshold": service.threshold, "threshold_source": service.threshold_source, "results": answers}
+        return {"threshold": service.threshold, "threshold_source": service.threshold_source, "results": answers,
+                **unreadable_warning(texts)}
+
+    def unreadable_warning(texts):
+        """{"warning": ...} where a question holds nothing the vocabulary reads (as predict.py and
+        search.py warn on stderr): its answers are given, and mean nothing."""
+        bad = retrieval.unreadable_texts(service.qe, texts)
+        return {"warning": f"{len(bad)} question(s) hold nothing the model's vocabulary reads (only [UNK]: "
+                           f"emoji, other scripts), e.g. {bad[0][:60]!r}: what they match or score means "
+                           "nothing"} if bad else {}
 
     @app.post("/questions", summary="add questions to the index (needs the bearer token)")
     async def add(req: AddRequest, request: Request):

@@ -668,3 +668,14 @@ def test_litserve_compare_refuses_bad_flags_in_one_line(tmp_path, capsys):
         assert says in run_bad(tool.main, [str(tmp_path), *flags], capsys)
     err = run_bad(tool.main, [str(tmp_path / "none")], capsys)
     assert ("litserve is not installed" if tool.ls is None else "no such index folder") in err
+
+
+def test_an_unreadable_query_or_pair_is_answered_with_a_warning(client):
+    """A question of nothing but [UNK] (emoji) is searched and scored as asked, and the reply says
+    that the answers mean nothing; a readable one has no warning."""
+    emoji = "\U0001f600\U0001f389"
+    r = client.post("/search", json={"question": emoji, "k": 2}).json()
+    assert r["results"] and "nothing the model's vocabulary reads" in r["warning"]
+    assert "warning" not in client.post("/search", json={"question": "How do I learn Python?"}).json()
+    r = client.post("/score", json={"pairs": [["Why?", emoji]]}).json()
+    assert len(r["results"]) == 1 and r["warning"].startswith("1 question(s)")
