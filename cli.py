@@ -152,6 +152,13 @@ def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
             signal.signal(s, handler)
 
 
+def is_program(fn):
+    """Whether fn's file is the program Python was started with (python train.py, torchrun
+    train.py), not a module some other code imported (a notebook, a test, python -c)."""
+    code = getattr(fn, "__code__", None)
+    return code is not None and os.path.realpath(sys.argv[0] or "") == os.path.realpath(code.co_filename)
+
+
 def end_by_signal(sig, top_level):
     """Leave after a signal stopped the run and it cleaned up. The program the shell started ends
     by that signal, as a shell expects (a loop of commands stops at Ctrl-C; $? is 130 or 143); a
@@ -169,7 +176,7 @@ def run(fn, *args, again="run the same command again"):
     """Call a script's body; a UserError becomes one line on stderr and exit code 2, and so does
     an OSError of the disk or permissions kind (WRITE_ERRNOS), naming the path. Ctrl-C or SIGTERM
     stops it cleanly: temp files and locks go, one line naming `again` as the fix, then
-    end_by_signal (fn.__module__ is "__main__" where the script is the program)."""
+    end_by_signal."""
     try:
         with stop_on_signals():
             return fn(*args)
@@ -181,7 +188,7 @@ def run(fn, *args, again="run the same command again"):
               f"stays, maybe incomplete). Fix: {again}", file=sys.stderr)
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        end_by_signal(sig, getattr(fn, "__module__", None) == "__main__")
+        end_by_signal(sig, is_program(fn))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

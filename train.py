@@ -54,7 +54,8 @@ import torch
 import distill
 import engine
 import objectives
-from cli import MAX_WORKERS, UserError, arg, check_ranges, end_by_signal, given_flags, interval, parse_config, run
+from cli import (MAX_WORKERS, UserError, arg, check_ranges, end_by_signal, given_flags, interval, is_program,
+                 parse_config, run)
 from data import (FolderLock, PairDataset, check_apart_from_inputs, check_writable, fingerprint, make_loader,
                   shapes_of, to_device)
 from metrics import compute_metrics, format_report, json_safe
@@ -166,7 +167,7 @@ def main(argv=None):
         run(train, cfg, given_flags(TrainConfig, argv), again="run it again, with --resume where it has saved "
             "last.pt (the test pass runs then)")
     except Stopped as e:  # last.pt saved and everything closed; not 0, so `train.py && ...` stops here
-        end_by_signal(e.signum, train.__module__ == "__main__")
+        end_by_signal(e.signum, is_program(train))
 
 
 class Stopped(Exception):
