@@ -85,15 +85,23 @@ def question_inference(qe, rt, batch_size=256, shapes="auto", compile="auto", nu
 def embed_texts(qe, inference, texts, desc="embedding", verbose=True):
     """(N, H) float32 pooled vectors of texts, each distinct text tokenized and encoded once, by
     question_inference(qe, ...)."""
+    return embed_and_check(qe, inference, texts, desc, verbose)[0]
+
+
+def embed_and_check(qe, inference, texts, desc="embedding", verbose=True):
+    """embed_texts, and (N,) bool: the texts that tokenize to nothing but [UNK] (emoji, other
+    scripts), whose vectors mean nothing (warned about on stderr too)."""
     unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+    inverse = inverse.reshape(-1)
     tokens, offsets, _, n_unreadable = tokenize(qe.tokenizer, unique.tolist(), qe.max_len)
+    bad = unreadable(qe.tokenizer, tokens, offsets) if n_unreadable else np.zeros(len(unique), bool)
     if n_unreadable:  # whatever verbose says (one query too), on stderr: stdout may hold the answer
         who = "the question tokenizes" if len(unique) == 1 else \
             f"{n_unreadable:,} of {len(unique):,} distinct questions tokenize"
         print(f"warning: {who} to nothing but [UNK] (emoji, other scripts): no content reaches the model, so "
               "what such a question matches means nothing", file=sys.stderr)
     pooled = inference(QuestionDataset(tokens, offsets, qe.pad_id, qe.max_len), desc, verbose)
-    return pooled[inverse.reshape(-1)]
+    return pooled[inverse], bad[inverse]
 
 
 def unreadable_texts(qe, texts):

@@ -134,6 +134,7 @@ class Job:
     kind: str               # "search", "score" or "add"
     texts: list             # the questions to embed: a query; q1s then q2s; the new questions
     params: dict = field(default_factory=dict)
+    unreadable: list = field(default_factory=list)  # set by Service.work: its texts of nothing but [UNK]
 
 
 class Service:
@@ -164,7 +165,11 @@ class Service:
         shared). Returns one answer or UserError per job."""
         t0 = time.perf_counter()
         texts = [t for job in jobs for t in job.texts]
-        pooled = retrieval.embed_texts(self.qe, self.inference, texts, verbose=False)  # (T, H) float32
+        pooled, bad = retrieval.embed_and_check(self.qe, self.inference, texts, verbose=False)  # (T, H), (T,)
+        start = 0
+        for job in jobs:  # what each request's reply warns about, found where the texts are tokenized anyway
+            job.unreadable = [t for t, b in zip(job.texts, bad[start:start + len(job.texts)]) if b]
+            start += len(job.texts)
         with self.lock:
             answers = self.answer(jobs, pooled)
             self.batches, self.batched_questions = self.batches + 1, self.batched_questions + len(texts)
@@ -523,25 +528,25 @@ def make_app(service, batcher, limits, token="", about=None):
             raise ApiError(400, "rerank", "rerank: this index's model has no pair classifier (an untuned "
                                           "encoder); serve an index built with a checkpoint")
         t0 = time.perf_counter()
-        answers = await batcher.submit(Job("search", [req.question], {"k": req.k, "rerank": req.rerank}))
+        job = Job("search", [req.question], {"k": req.k, "rerank": req.rerank})
+        answers = await batcher.submit(job)
         return {"question": req.question, "k": req.k, "rerank": req.rerank, "results": answers,
                 "threshold": service.threshold, "ms": round((time.perf_counter() - t0) * 1000, 2),
-                **unreadable_warning([req.question])}
+                **unreadable_warning(job.unreadable)}
 
     @app.post("/score", summary="duplicate probability of question pairs")
     async def score(req: ScoreRequest):
         if service.qe.classifier is None:
             raise ApiError(400, "pairs", "pairs: this index's model has no pair classifier (an untuned "
                                          "encoder); serve an index built with a checkpoint")
-        texts = [p[0] for p in req.pairs] + [p[1] for p in req.pairs]
-        answers = await batcher.submit(Job("score", texts))
+        job = Job("score", [p[0] for p in req.pairs] + [p[1] for p in req.pairs])
+        answers = await batcher.submit(job)
         return {"threshold": service.threshold, "threshold_source": service.threshold_source, "results": answers,
-                **unreadable_warning(texts)}
+                **unreadable_warning(job.unreadable)}
 
-    def unreadable_warning(texts):
-        """{"warning": ...} where a question holds nothing the vocabulary reads (as predict.py and
-        search.py warn on stderr): its answers are given, and mean nothing."""
-        bad = retrieval.unreadable_texts(service.qe, texts)
+    def unreadable_warning(bad):
+        """{"warning": ...} where a job's questions held nothing the vocabulary reads (as predict.py
+        and search.py warn on stderr): their answers are given, and mean nothing."""
         return {"warning": f"{len(bad)} question(s) hold nothing the model's vocabulary reads (only [UNK]: "
                            f"emoji, other scripts), e.g. {bad[0][:60]!r}: what they match or score means "
                            "nothing"} if bad else {}
